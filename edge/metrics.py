@@ -1,0 +1,145 @@
+"""Every Prometheus metric edge exports: names, label sets and buckets in one place.
+
+The registry is injected so tests (and several apps in one process) never share
+counters. Label values are drawn from small fixed sets; every fixed combination is
+created at zero on construction so ``rate()`` works before the first failure.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from edge import __version__
+from edge.errors import OUTCOMES
+
+DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+STAGES = ("queue", "fetch", "transform", "cache_get", "cache_set")
+DISCONNECT_STAGES = ("queue", "fetch", "transform", "send")
+SHED_REASONS = ("queue_full", "queue_timeout", "memory", "origin")
+TIMEOUT_STAGES = ("fetch", "transform", "origin")
+ORIGIN_KINDS = ("file", "http", "s3")
+CACHE_TIERS = ("memory", "redis", "memcached")
+CACHE_RESULTS = ("hit", "miss", "stale", "error")
+FORMATS = ("jpeg", "png", "webp", "avif", "gif", "other")
+
+
+class Metrics:
+    """The service's metrics, registered on the registry it is given."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        self.requests = Counter(
+            "edge_requests_total",
+            "Requests by HTTP status sent and outcome.",
+            ["code", "outcome"],
+            registry=registry,
+        )
+        self.request_duration = Histogram(
+            "edge_request_duration_seconds",
+            "Request duration from arrival to the last byte sent, by outcome.",
+            ["outcome"],
+            buckets=DURATION_BUCKETS,
+            registry=registry,
+        )
+        self.stage_duration = Histogram(
+            "edge_stage_duration_seconds",
+            "Time spent in each stage of a request.",
+            ["stage"],
+            buckets=DURATION_BUCKETS,
+            registry=registry,
+        )
+        self.client_disconnects = Counter(
+            "edge_client_disconnects_total",
+            "Requests whose client went away (the 499s), by the stage they were in.",
+            ["stage"],
+            registry=registry,
+        )
+        self.load_shed = Counter(
+            "edge_load_shed_total",
+            "Requests answered 503, by reason.",
+            ["reason"],
+            registry=registry,
+        )
+        self.backend_timeouts = Counter(
+            "edge_backend_timeouts_total",
+            "Requests answered 504, by the stage the budget ran out in.",
+            ["stage"],
+            registry=registry,
+        )
+        self.origin_requests = Counter(
+            "edge_origin_requests_total",
+            "Requests made to origins, by origin kind and status (or error class).",
+            ["kind", "code"],
+            registry=registry,
+        )
+        self.origin_bytes = Counter(
+            "edge_origin_bytes_total",
+            "Bytes read from origins.",
+            ["kind"],
+            registry=registry,
+        )
+        self.cache_requests = Counter(
+            "edge_cache_requests_total",
+            "Cache look-ups by tier and result.",
+            ["tier", "result"],
+            registry=registry,
+        )
+        self.coalesced = Counter(
+            "edge_coalesced_requests",
+            "Requests that joined an identical in-flight miss.",
+            registry=registry,
+        )
+        self.inflight = Gauge(
+            "edge_inflight_requests", "Requests being handled.", registry=registry
+        )
+        self.queue_depth = Gauge(
+            "edge_queue_depth", "Transforms waiting for a slot.", registry=registry
+        )
+        self.transforms_in_progress = Gauge(
+            "edge_transforms_in_progress", "Transforms holding a slot.", registry=registry
+        )
+        self.memory_reserved = Gauge(
+            "edge_memory_reserved_bytes",
+            "Memory reserved by admitted transforms.",
+            registry=registry,
+        )
+        self.memory_limit = Gauge(
+            "edge_memory_limit_bytes", "The memory limit admission enforces.", registry=registry
+        )
+        self.response_bytes = Counter(
+            "edge_response_bytes_total",
+            "Body bytes sent, by output format.",
+            ["format"],
+            registry=registry,
+        )
+        self.build_info = Gauge(
+            "edge_build_info", "Always 1; the version is a label.", ["version"], registry=registry
+        )
+        self.worker_rss = Gauge(
+            "edge_worker_resident_memory_bytes",
+            "Resident memory of each worker process.",
+            ["worker"],
+            registry=registry,
+        )
+        self._create_fixed_series()
+
+    def _create_fixed_series(self) -> None:
+        for outcome, code in OUTCOMES.items():
+            self.requests.labels(code=str(code), outcome=outcome)
+            self.request_duration.labels(outcome=outcome)
+        for stage in STAGES:
+            self.stage_duration.labels(stage=stage)
+        for stage in DISCONNECT_STAGES:
+            self.client_disconnects.labels(stage=stage)
+        for reason in SHED_REASONS:
+            self.load_shed.labels(reason=reason)
+        for stage in TIMEOUT_STAGES:
+            self.backend_timeouts.labels(stage=stage)
+        for kind in ORIGIN_KINDS:
+            self.origin_bytes.labels(kind=kind)
+        for tier in CACHE_TIERS:
+            for result in CACHE_RESULTS:
+                self.cache_requests.labels(tier=tier, result=result)
+        for fmt in FORMATS:
+            self.response_bytes.labels(format=fmt)
+        self.build_info.labels(version=__version__).set(1)

@@ -1,0 +1,470 @@
+"""Configuration: every EDGE_* variable declared once, parsed once, reported together.
+
+Each declaration names the variable, its default (as the operator would write it), the
+parser that turns text into a value, and a one-line doc. ``load_settings(environ)``
+parses a passed-in mapping (never ``os.environ`` behind the caller's back) into a frozen
+``Settings`` and raises ``SettingsError`` listing every bad variable at once. The README's
+reference table is generated from the same declarations (``reference_table``).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import math
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+SAMPLES_DIR = Path(__file__).parent / "samples"
+
+INPUT_FORMATS = ("jpeg", "png", "webp", "gif", "avif", "svg", "tiff", "heif")
+VALIDATABLE = ("min", "max", "allowed")
+
+
+class SettingsError(ValueError):
+    """One or more variables are invalid; ``problems`` names each with its expected form."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("invalid configuration:\n" + "\n".join(f"  {p}" for p in problems))
+        self.problems = problems
+
+
+# --- parsers: text -> value, ValueError(expected form) on bad input ----------------------
+
+
+def integer(low: int | None = None, high: int | None = None) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text.strip())
+        except ValueError:
+            raise ValueError(_range_form("an integer", low, high)) from None
+        if (low is not None and value < low) or (high is not None and value > high):
+            raise ValueError(_range_form("an integer", low, high))
+        return value
+
+    return parse
+
+
+def number(low: float | None = None, high: float | None = None) -> Callable[[str], float]:
+    def parse(text: str) -> float:
+        try:
+            value = float(text.strip())
+        except ValueError:
+            raise ValueError(_range_form("a number", low, high)) from None
+        if not math.isfinite(value) or (low is not None and value < low):
+            raise ValueError(_range_form("a number", low, high))
+        if high is not None and value > high:
+            raise ValueError(_range_form("a number", low, high))
+        return value
+
+    return parse
+
+
+def _range_form(kind: str, low: float | None, high: float | None) -> str:
+    if low is not None and high is not None:
+        return f"{kind} from {low:g} to {high:g}"
+    if low is not None:
+        return f"{kind} >= {low:g}"
+    return kind
+
+
+def optional(parse: Callable[[str], Any]) -> Callable[[str], Any]:
+    """Empty text means "not set" (None); anything else goes to ``parse``."""
+
+    def parse_optional(text: str) -> Any:
+        return None if text.strip() == "" else parse(text)
+
+    return parse_optional
+
+
+def boolean(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise ValueError("true or false")
+
+
+def word_list(text: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
+def choice(*options: str) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        lowered = text.strip().lower()
+        if lowered not in options:
+            raise ValueError("one of " + ", ".join(options))
+        return lowered
+
+    return parse
+
+
+def input_formats(text: str) -> frozenset[str]:
+    names = {name.lower() for name in word_list(text)}
+    names = {"jpeg" if name == "jpg" else name for name in names}
+    unknown = names - set(INPUT_FORMATS)
+    if unknown or not names:
+        raise ValueError("a comma list of " + ", ".join(INPUT_FORMATS))
+    return frozenset(names)
+
+
+def origin_url(text: str) -> str:
+    """``file:///dir``, ``http(s)://host/prefix/`` or ``s3://bucket/prefix``."""
+    form = "file:///absolute/dir, http(s)://host[:port]/prefix/ or s3://bucket[/prefix]"
+    parts = urlsplit(text.strip())
+    if parts.scheme == "file" and parts.path.startswith("/") and not parts.netloc:
+        return text.strip()
+    if parts.scheme in ("http", "https") and parts.hostname:
+        return text.strip()
+    if parts.scheme == "s3" and parts.netloc:
+        return text.strip()
+    raise ValueError(form)
+
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b?|b)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "b": 1, "k": 1000, "m": 1000**2, "g": 1000**3, "t": 1000**4}
+
+
+def byte_size(text: str) -> int:
+    """``268435456``, ``256MiB``, ``1.5G``: a byte count."""
+    match = _SIZE.match(text)
+    if not match:
+        raise ValueError("a byte count such as 268435456, 512MiB or 2G")
+    amount, unit = float(match.group(1)), (match.group(2) or "").lower()
+    base = 1024 if "i" in unit else 1000
+    power = "bkmgt".find(unit[:1]) if unit else 0
+    return int(amount * (base ** max(power, 0)))
+
+
+@dataclass(frozen=True, slots=True)
+class MemoryLimit:
+    """Either an absolute byte count or a percentage of the memory available."""
+
+    bytes: int | None = None
+    percent: float | None = None
+
+
+def memory_limit(text: str) -> MemoryLimit:
+    stripped = text.strip()
+    if stripped.endswith("%"):
+        percent = number(1, 100)(stripped[:-1])
+        return MemoryLimit(percent=percent)
+    try:
+        return MemoryLimit(bytes=byte_size(stripped))
+    except ValueError:
+        raise ValueError("a byte count (e.g. 4GiB) or a percentage such as 75%") from None
+
+
+def globs(text: str) -> tuple[str, ...]:
+    return tuple(pattern.lower() for pattern in word_list(text))
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    """One EDGE_IMAGE_PARAM_VALIDATIONS entry: bounds and/or allowed values."""
+
+    min: float | None = None
+    max: float | None = None
+    allowed: tuple[str, ...] | None = None
+
+
+def param_validations(text: str) -> dict[str, Rule]:
+    form = 'JSON such as {"width":{"max":2000},"format":{"allowed":["jpeg","webp"]}}'
+    if not text.strip():
+        return {}
+    try:
+        raw = json.loads(text)
+    except json.JSONDecodeError:
+        raise ValueError(form) from None
+    if not isinstance(raw, dict):
+        raise ValueError(form)
+    rules: dict[str, Rule] = {}
+    for name, spec in raw.items():
+        if not isinstance(spec, dict) or not spec or set(spec) - set(VALIDATABLE):
+            raise ValueError(form)
+        bounds = {k: spec.get(k) for k in ("min", "max")}
+        if any(v is not None and not isinstance(v, int | float) for v in bounds.values()):
+            raise ValueError(form)
+        allowed = spec.get("allowed")
+        if allowed is not None and (
+            not isinstance(allowed, list) or not all(isinstance(a, str | int) for a in allowed)
+        ):
+            raise ValueError(form)
+        rules[str(name).lower()] = Rule(
+            min=bounds["min"],
+            max=bounds["max"],
+            allowed=None if allowed is None else tuple(str(a).lower() for a in allowed),
+        )
+    return rules
+
+
+def cache_tiers(text: str) -> tuple[str, ...]:
+    form = "none, or a comma list of memory, redis://host:port/db, memcached://host:port"
+    tiers = word_list(text)
+    if tiers == ("none",):
+        return ()
+    if not tiers:
+        raise ValueError(form)
+    for tier in tiers:
+        scheme = urlsplit(tier).scheme
+        if tier != "memory" and not (scheme in ("redis", "memcached") and urlsplit(tier).hostname):
+            raise ValueError(form)
+    return tiers
+
+
+def cors_origins(text: str) -> tuple[str, ...]:
+    return word_list(text)
+
+
+# --- declarations -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class EnvVar:
+    """One EDGE_* variable: its default as text, its parser and a one-line doc."""
+
+    name: str
+    default: str
+    parse: Callable[[str], Any]
+    doc: str
+    #: how the default reads in the reference table when it is computed at start
+    shown_default: str | None = None
+
+    @property
+    def field(self) -> str:
+        return self.name.removeprefix("EDGE_").lower()
+
+
+VARS: tuple[EnvVar, ...] = (
+    EnvVar("EDGE_HOST", "0.0.0.0", str, "listen address"),
+    EnvVar("EDGE_PORT", "8080", integer(0, 65535), "listen port"),
+    EnvVar(
+        "EDGE_ORIGIN",
+        "",
+        optional(origin_url),
+        "`file:///dir`, `http(s)://host/prefix/` or `s3://bucket/prefix`",
+        shown_default="bundled sample folder",
+    ),
+    EnvVar(
+        "EDGE_BACKEND_TIMEOUT",
+        "10",
+        number(0.05, 3600),
+        "seconds: the per-request budget for fetch + queue + transform",
+    ),
+    EnvVar(
+        "EDGE_BACKEND_CONNECT_TIMEOUT",
+        "3",
+        number(0.01, 600),
+        "seconds to connect to an origin, within the budget",
+    ),
+    EnvVar(
+        "EDGE_MAX_SOURCE_BYTES",
+        "52428800",
+        byte_size,
+        "larger originals are 400 (checked while streaming)",
+    ),
+    EnvVar(
+        "EDGE_MAX_SOURCE_PIXELS",
+        "50000000",
+        integer(1),
+        "width x height x pages from the header, checked before decoding",
+    ),
+    EnvVar("EDGE_MAX_ANIMATION_FRAMES", "100", integer(1), "frames of an animated source"),
+    EnvVar("EDGE_MAX_OUTPUT_DIMENSION", "8192", integer(1), "pixels per side, after dpr"),
+    EnvVar(
+        "EDGE_MAX_OUTPUT_PIXELS", "40000000", integer(1), "width x height x frames of the output"
+    ),
+    EnvVar(
+        "EDGE_ALLOWED_INPUT_FORMATS",
+        "jpeg,png,webp,gif,avif",
+        input_formats,
+        "input formats decoded; svg, tiff, heif only when listed",
+    ),
+    EnvVar("EDGE_DEFAULT_QUALITY", "80", integer(1, 100), "JPEG quality when none is asked"),
+    EnvVar("EDGE_AUTO_FORMAT", "false", boolean, "negotiate the format from Accept by default"),
+    EnvVar(
+        "EDGE_ALLOW_ORIGINAL_IMAGE_REQUEST",
+        "true",
+        boolean,
+        "serve the original bytes for a request with no parameters",
+    ),
+    EnvVar(
+        "EDGE_IMAGE_PARAMS_ALLOWED",
+        "",
+        optional(lambda text: frozenset(p.lower() for p in word_list(text))),
+        "comma list of canonical parameter names callers may use; others are 401",
+        shown_default="(all)",
+    ),
+    EnvVar(
+        "EDGE_IGNORED_PARAMS",
+        "utm_*,fbclid,gclid",
+        globs,
+        "globs of parameters ignored (not validated, not in the cache key)",
+    ),
+    EnvVar(
+        "EDGE_IMAGE_PARAM_VALIDATIONS",
+        "",
+        param_validations,
+        'JSON min/max/allowed per canonical parameter, e.g. `{"width":{"max":2000}}`',
+        shown_default="(none)",
+    ),
+    EnvVar(
+        "EDGE_MAX_CONCURRENCY",
+        "",
+        optional(integer(1, 1024)),
+        "transforms running at once",
+        shown_default="CPUs available",
+    ),
+    EnvVar(
+        "EDGE_QUEUE_SIZE",
+        "",
+        optional(integer(0, 100000)),
+        "transforms waiting for a slot; beyond it 503 at once; 0 = no waiting",
+        shown_default="4 x concurrency",
+    ),
+    EnvVar(
+        "EDGE_MEMORY_LIMIT",
+        "75%",
+        memory_limit,
+        "bytes or `NN%` of the memory available (cgroup-aware) for admitted transforms",
+    ),
+    EnvVar(
+        "EDGE_CACHE",
+        "memory",
+        cache_tiers,
+        "cache tiers: `memory`, `redis://host:port/db`, `memcached://host:port`, or `none`",
+    ),
+    EnvVar(
+        "EDGE_CACHE_MEMORY_BYTES", "268435456", byte_size, "bound of the in-process cache tier"
+    ),
+    EnvVar("EDGE_CACHE_TTL", "86400", integer(1), "seconds a cached result is fresh"),
+    EnvVar(
+        "EDGE_CACHE_STALE_TTL",
+        "86400",
+        integer(0),
+        "further seconds a stale result may be served when the origin fails",
+    ),
+    EnvVar("EDGE_CACHE_NAMESPACE", "v1", str, "part of every cache key; change it to drop all"),
+    EnvVar("EDGE_HTTP_MAX_AGE", "86400", integer(0), "Cache-Control max-age on successes"),
+    EnvVar(
+        "EDGE_ERROR_MAX_AGE",
+        "60",
+        integer(0),
+        "max-age on 404s and parameter 400s (0 = no-store)",
+    ),
+    EnvVar(
+        "EDGE_CORS_ORIGINS",
+        "",
+        cors_origins,
+        "comma list of origins or `*` for Access-Control-Allow-Origin",
+        shown_default="(none)",
+    ),
+    EnvVar("EDGE_ERROR_DETAIL", "1", integer(0, 3), "error body detail, 0-3"),
+    EnvVar("EDGE_LOG_LEVEL", "info", choice("debug", "info", "warning", "error"), "log level"),
+    EnvVar("EDGE_LOG_FORMAT", "json", choice("json", "text"), "log line format"),
+    EnvVar(
+        "EDGE_SHUTDOWN_GRACE",
+        "20",
+        number(0, 3600),
+        "seconds to drain in-flight requests on SIGTERM",
+    ),
+)
+
+_BY_FIELD = {var.field: var for var in VARS}
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The parsed configuration. Build it with ``load_settings``; tests may ``replace`` it."""
+
+    host: str
+    port: int
+    origin: str | None
+    backend_timeout: float
+    backend_connect_timeout: float
+    max_source_bytes: int
+    max_source_pixels: int
+    max_animation_frames: int
+    max_output_dimension: int
+    max_output_pixels: int
+    allowed_input_formats: frozenset[str]
+    default_quality: int
+    auto_format: bool
+    allow_original_image_request: bool
+    image_params_allowed: frozenset[str] | None
+    ignored_params: tuple[str, ...]
+    image_param_validations: dict[str, Rule] = field(hash=False)
+    max_concurrency: int | None = None
+    queue_size: int | None = None
+    memory_limit: MemoryLimit = MemoryLimit(percent=75)
+    cache: tuple[str, ...] = ("memory",)
+    cache_memory_bytes: int = 268435456
+    cache_ttl: int = 86400
+    cache_stale_ttl: int = 86400
+    cache_namespace: str = "v1"
+    http_max_age: int = 86400
+    error_max_age: int = 60
+    cors_origins: tuple[str, ...] = ()
+    error_detail: int = 1
+    log_level: str = "info"
+    log_format: str = "json"
+    shutdown_grace: float = 20.0
+
+    @property
+    def origin_url(self) -> str:
+        """EDGE_ORIGIN, or the bundled sample folder when it is not set."""
+        return self.origin or SAMPLES_DIR.resolve().as_uri()
+
+    def is_ignored(self, name: str) -> bool:
+        lowered = name.lower()
+        return any(fnmatch.fnmatchcase(lowered, pattern) for pattern in self.ignored_params)
+
+
+def load_settings(environ: Mapping[str, str]) -> Settings:
+    """Parse every declared variable from ``environ``; raise one error naming all bad ones."""
+    values: dict[str, Any] = {}
+    problems: list[str] = []
+    for var in VARS:
+        text = environ.get(var.name, var.default)
+        try:
+            values[var.field] = var.parse(text)
+        except ValueError as exc:
+            problems.append(f"{var.name}={text!r}: expected {exc}")
+    unknown = sorted(
+        name for name in environ if name.startswith("EDGE_") and name not in _NAMES
+    )
+    problems.extend(f"{name}: unknown variable" for name in unknown)
+    if problems:
+        raise SettingsError(problems)
+    return Settings(**values)
+
+
+_NAMES = frozenset(var.name for var in VARS)
+
+
+def defaults() -> Settings:
+    """The settings of an empty environment (what ``make run`` serves with)."""
+    return load_settings({})
+
+
+def reference_table() -> str:
+    """The README's configuration table, generated from the declarations."""
+    lines = ["| variable | default | meaning |", "|---|---|---|"]
+    for var in VARS:
+        shown = var.shown_default if var.shown_default is not None else f"`{var.default}`"
+        lines.append(f"| `{var.name}` | {shown} | {var.doc} |")
+    return "\n".join(lines) + "\n"
+
+
+def check_declarations() -> None:
+    """Every Settings field is declared exactly once (guards against drift)."""
+    declared = set(_BY_FIELD)
+    wanted = {f.name for f in fields(Settings)}
+    if declared != wanted:
+        raise AssertionError(f"declared {sorted(declared ^ wanted)} mismatch")
+

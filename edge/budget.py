@@ -43,6 +43,8 @@ class Deadline:
     started: float = field(default_factory=time.monotonic)
     #: seconds spent per stage, in the order stages ran
     spent: dict[str, float] = field(default_factory=dict)
+    #: the stage running now (None between stages): where a disconnect or timeout happened
+    current: str | None = None
 
     @classmethod
     def after(cls, seconds: float) -> Deadline:
@@ -66,8 +68,12 @@ class Deadline:
     @contextmanager
     def stage(self, name: str) -> Iterator[None]:
         """Time the enclosed block as ``name`` (recorded even when it raises)."""
-        begun = time.monotonic()
+        begun, outer = time.monotonic(), self.current
+        self.current = name
         try:
             yield
         finally:
             self.record(name, time.monotonic() - begun)
+        # Only a stage that completed hands ``current`` back: after a failure or a
+        # cancellation it still names the stage the request was in, for the 499/504 label.
+        self.current = outer

@@ -251,6 +251,47 @@ VARS: tuple[EnvVar, ...] = (
         shown_default="bundled sample folder",
     ),
     EnvVar(
+        "EDGE_S3_ENDPOINT_URL",
+        "",
+        optional(origin_url),
+        "S3-compatible endpoint (MinIO, R2, GCS interop); credentials from the AWS chain",
+        shown_default="AWS",
+    ),
+    EnvVar("EDGE_S3_REGION", "", optional(str), "S3 region", shown_default="AWS default"),
+    EnvVar(
+        "EDGE_ALLOW_DYNAMIC_ORIGIN",
+        "false",
+        boolean,
+        "allow `origin=` to fetch from a host in EDGE_HOSTS_ALLOWED",
+    ),
+    EnvVar(
+        "EDGE_HOSTS_ALLOWED",
+        "",
+        lambda text: tuple(host.lower() for host in word_list(text)),
+        "comma list of host names or IPs, `*.example.com` wildcards, `*` for any",
+        shown_default="(empty: no host)",
+    ),
+    EnvVar(
+        "EDGE_BUCKETS_ALLOWED",
+        "",
+        word_list,
+        "comma list of buckets `bucket=` may name",
+        shown_default="(none)",
+    ),
+    EnvVar(
+        "EDGE_ALLOW_PRIVATE_ADDRESSES",
+        "false",
+        boolean,
+        "let dynamic origins and redirects reach loopback/private/link-local addresses",
+    ),
+    EnvVar(
+        "EDGE_SIGNING_KEYS",
+        "",
+        lambda text: tuple(key.encode() for key in word_list(text)),
+        "comma list of URL signing keys (rotation); when set every request needs `s`",
+        shown_default="(none)",
+    ),
+    EnvVar(
         "EDGE_BACKEND_TIMEOUT",
         "10",
         number(0.05, 3600),
@@ -339,9 +380,7 @@ VARS: tuple[EnvVar, ...] = (
         cache_tiers,
         "cache tiers: `memory`, `redis://host:port/db`, `memcached://host:port`, or `none`",
     ),
-    EnvVar(
-        "EDGE_CACHE_MEMORY_BYTES", "268435456", byte_size, "bound of the in-process cache tier"
-    ),
+    EnvVar("EDGE_CACHE_MEMORY_BYTES", "268435456", byte_size, "bound of the in-process cache tier"),
     EnvVar("EDGE_CACHE_TTL", "86400", integer(1), "seconds a cached result is fresh"),
     EnvVar(
         "EDGE_CACHE_STALE_TTL",
@@ -385,6 +424,13 @@ class Settings:
     host: str
     port: int
     origin: str | None
+    s3_endpoint_url: str | None
+    s3_region: str | None
+    allow_dynamic_origin: bool
+    hosts_allowed: tuple[str, ...]
+    buckets_allowed: tuple[str, ...]
+    allow_private_addresses: bool
+    signing_keys: tuple[bytes, ...]
     backend_timeout: float
     backend_connect_timeout: float
     max_source_bytes: int
@@ -435,9 +481,7 @@ def load_settings(environ: Mapping[str, str]) -> Settings:
             values[var.field] = var.parse(text)
         except ValueError as exc:
             problems.append(f"{var.name}={text!r}: expected {exc}")
-    unknown = sorted(
-        name for name in environ if name.startswith("EDGE_") and name not in _NAMES
-    )
+    unknown = sorted(name for name in environ if name.startswith("EDGE_") and name not in _NAMES)
     problems.extend(f"{name}: unknown variable" for name in unknown)
     if problems:
         raise SettingsError(problems)
@@ -467,4 +511,3 @@ def check_declarations() -> None:
     wanted = {f.name for f in fields(Settings)}
     if declared != wanted:
         raise AssertionError(f"declared {sorted(declared ^ wanted)} mismatch")
-

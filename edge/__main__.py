@@ -1,0 +1,85 @@
+"""Command line: ``edge`` serves; ``edge settings-table`` prints the configuration reference.
+
+Settings are parsed once from the environment; every bad variable is reported together
+and the process exits with status 2, without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import re
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from edge import logs
+from edge.settings import Settings, SettingsError, load_settings, reference_table
+
+TABLE_BEGIN = "<!-- settings-table:begin -->"
+TABLE_END = "<!-- settings-table:end -->"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="edge", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command")
+    commands.add_parser("serve", help="run the service (the default)")
+    table = commands.add_parser("settings-table", help="print the EDGE_* reference table")
+    table.add_argument("--write", metavar="README", help="replace the table inside this file")
+    args = parser.parse_args(argv)
+    if args.command == "settings-table":
+        return _settings_table(args.write)
+    try:
+        settings = load_settings(os.environ)
+    except SettingsError as exc:
+        print(f"edge: {exc}", file=sys.stderr)
+        return 2
+    serve(settings)
+    return 0
+
+
+def serve(settings: Settings) -> None:
+    """Run the service in this process until SIGINT/SIGTERM."""
+    from aiohttp import web
+
+    from edge.app import create_app
+
+    logs.configure(settings.log_level, settings.log_format)
+    _install_uvloop()
+    web.run_app(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        access_log=None,
+        handler_cancellation=True,
+        shutdown_timeout=settings.shutdown_grace,
+        print=None,
+    )
+
+
+def _install_uvloop() -> None:
+    try:
+        import uvloop
+    except ImportError:  # optional: the stdlib loop works, a little slower
+        return
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+
+
+def _settings_table(readme: str | None) -> int:
+    table = reference_table()
+    if readme is None:
+        sys.stdout.write(table)
+        return 0
+    path = Path(readme)
+    text = path.read_text()
+    pattern = re.compile(re.escape(TABLE_BEGIN) + ".*?" + re.escape(TABLE_END), re.DOTALL)
+    if not pattern.search(text):
+        print(f"edge: {readme} has no {TABLE_BEGIN} ... {TABLE_END} block", file=sys.stderr)
+        return 1
+    path.write_text(pattern.sub(lambda _: f"{TABLE_BEGIN}\n{table}{TABLE_END}", text))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,421 @@
+"""The aiohttp application: routes, the one outcome middleware, health, and lifecycle.
+
+The only module that knows aiohttp.web. ``create_app(settings, ...)`` takes its
+dependencies so tests can pass their own (a registry, an origin). Shared objects live
+under AppKeys and are built and torn down by cleanup contexts, never at import time.
+
+The middleware owns every request's outcome: it makes the deadline and request id,
+turns EdgeErrors (and unexpected exceptions, as 500) into responses, sends the response
+itself so a client lost while sending is a 499 too, and writes exactly one metrics
+update and one access-log line per request, cancelled ones included.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import re
+import time
+import traceback
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+
+from aiohttp import web
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    GC_COLLECTOR,
+    PLATFORM_COLLECTOR,
+    PROCESS_COLLECTOR,
+    CollectorRegistry,
+    generate_latest,
+)
+
+from edge import imaging, system
+from edge.admission import Admission
+from edge.budget import Deadline
+from edge.errors import EdgeError, Overloaded
+from edge.logs import ACCESS, access_line, redact
+from edge.metrics import DISCONNECT_STAGES, Metrics
+from edge.origins import Origin, open_origin
+from edge.params import ReqFormat
+from edge.responses import error_body
+from edge.service import Incoming, Reply, Service
+from edge.settings import Settings
+
+log = logging.getLogger("edge")
+
+SETTINGS = web.AppKey("settings", Settings)
+METRICS = web.AppKey("metrics", Metrics)
+SERVICE = web.AppKey("service", Service)
+STATE = web.AppKey("state", "AppState")
+
+RESERVED = frozenset({"/metrics", "/healthz", "/readyz"})
+SECURITY_HEADERS = {
+    "X-Content-Type-Options": "nosniff",
+    "Content-Security-Policy": "default-src 'none'; sandbox",
+}
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
+TIMING_STAGES = ("cache_get", "fetch", "queue", "transform")
+RSS_INTERVAL = 1.0
+TRIM_EVERY = 30
+
+
+@dataclass
+class AppState:
+    """Mutable per-process state the handlers share (lives under the STATE key)."""
+
+    ready: bool = True
+    background: set[asyncio.Task[None]] = field(default_factory=set)
+
+    def spawn(self, work: Awaitable[None]) -> None:
+        """Run ``work`` after the response, keeping a reference until it ends."""
+        task = asyncio.ensure_future(work)
+        self.background.add(task)
+        task.add_done_callback(self.background.discard)
+
+
+@dataclass
+class RequestLog:
+    """What the middleware learns about one request, for metrics and the access log."""
+
+    status: int = 0
+    outcome: str = "internal_error"
+    label: str | None = None
+    cache: str | None = None
+    bytes: int = 0
+    format_label: str = "other"
+
+
+def create_app(
+    settings: Settings,
+    *,
+    registry: CollectorRegistry | None = None,
+    origin: Origin | None = None,
+) -> web.Application:
+    """Build the application; ``origin`` and ``registry`` default to the settings' own."""
+    app = web.Application(middlewares=[outcome_middleware], client_max_size=1024)
+    app[SETTINGS] = settings
+    app[METRICS] = Metrics(registry if registry is not None else _default_registry())
+    app[STATE] = AppState()
+    app.cleanup_ctx.append(_service_context(origin))
+    app.cleanup_ctx.append(_memory_watch)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics_endpoint)
+    app.router.add_route("*", "/_edge/{tail:.*}", operator_endpoint)
+    app.router.add_get("/{key:.*}", image)
+    return app
+
+
+def _default_registry() -> CollectorRegistry:
+    registry = CollectorRegistry()
+    for collector in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR):
+        registry.register(collector)
+    return registry
+
+
+def _service_context(
+    given_origin: Origin | None,
+) -> Callable[[web.Application], AsyncIterator[None]]:
+    async def service_context(app: web.Application) -> AsyncIterator[None]:
+        settings, metrics = app[SETTINGS], app[METRICS]
+        imaging.configure(settings.allowed_input_formats)
+        slots = settings.max_concurrency or system.available_cpus()
+        queue = settings.queue_size if settings.queue_size is not None else 4 * slots
+        origin = given_origin or open_origin(settings.origin_url, metrics)
+        pool = concurrent.futures.ThreadPoolExecutor(slots, thread_name_prefix="edge-vips")
+        admission = Admission(
+            slots=slots,
+            queue_size=queue,
+            memory_limit=_memory_limit_bytes(settings),
+            baseline=system.resident_bytes(),
+            metrics=metrics,
+        )
+        app[SERVICE] = Service(
+            settings, origin=origin, admission=admission, pool=pool, metrics=metrics
+        )
+        yield
+        state = app[STATE]
+        if state.background:
+            await asyncio.wait(state.background, timeout=settings.shutdown_grace)
+        await origin.close()
+        pool.shutdown(wait=True, cancel_futures=True)
+
+    return service_context
+
+
+def _memory_limit_bytes(settings: Settings) -> int:
+    limit = settings.memory_limit
+    if limit.bytes is not None:
+        return limit.bytes
+    return int(system.available_memory() * (limit.percent or 75) / 100)
+
+
+async def _memory_watch(app: web.Application) -> AsyncIterator[None]:
+    """Sample RSS for the emergency brake and the gauge; trim malloc arenas when idle."""
+
+    async def watch() -> None:
+        trimmer, ticks = system.Trimmer(), 0
+        metrics, admission = app[METRICS], app[SERVICE].admission
+        while True:
+            rss = system.resident_bytes()
+            metrics.worker_rss.labels(worker="0").set(rss)
+            admission.observe_rss(rss)
+            ticks += 1
+            if ticks % TRIM_EVERY == 0 and admission.in_use == 0:
+                await asyncio.to_thread(trimmer.trim)
+            await asyncio.sleep(RSS_INTERVAL)
+
+    task = asyncio.create_task(watch())
+    yield
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+
+
+# --- the outcome middleware -------------------------------------------------------------
+
+
+@web.middleware
+async def outcome_middleware(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    if request.path in RESERVED:
+        return await handler(request)
+    app = request.app
+    settings, metrics = app[SETTINGS], app[METRICS]
+    request_id = _request_id(request)
+    deadline = _deadline(request, settings)
+    request["edge.deadline"] = deadline
+    request["edge.request_id"] = request_id
+    entry = RequestLog()
+    metrics.inflight.inc()
+    try:
+        response = await _respond(request, handler, entry)
+        await _send(request, response, deadline, entry)
+        return response
+    except asyncio.CancelledError:
+        _client_closed(entry, deadline)
+        raise
+    finally:
+        metrics.inflight.dec()
+        _account(request, entry, deadline)
+
+
+async def _respond(
+    request: web.Request,
+    handler: Callable[[web.Request], Awaitable[web.StreamResponse]],
+    entry: RequestLog,
+) -> web.StreamResponse:
+    """Run the handler; every failure becomes the response its class prescribes."""
+    try:
+        response = await handler(request)
+    except EdgeError as error:
+        return _error_response(request, error, entry)
+    except web.HTTPException as exc:
+        entry.status, entry.outcome = exc.status, _outcome_for_status(exc.status)
+        exc.headers.update(SECURITY_HEADERS)
+        return exc
+    except (asyncio.CancelledError, KeyboardInterrupt, SystemExit):
+        raise
+    except Exception as exc:
+        log.exception("unexpected error handling %s", redact(request.path_qs))
+        error = EdgeError("an unexpected error occurred; it has been logged")
+        return _error_response(request, error, entry, trace=traceback.format_exc(), cause=exc)
+    reply: Reply | None = request.get("edge.reply")
+    if reply is not None:
+        entry.status, entry.outcome = reply.status, reply.outcome
+        entry.cache, entry.format_label = reply.cache, reply.format_label
+    return response
+
+
+async def _send(
+    request: web.Request, response: web.StreamResponse, deadline: Deadline, entry: RequestLog
+) -> None:
+    """Send the response here, not after the middleware, so a lost client is a 499."""
+    deadline.current = "send"
+    try:
+        await response.prepare(request)
+        await response.write_eof()
+    except (ConnectionError, RuntimeError):
+        if request.transport is None or request.transport.is_closing():
+            _client_closed(entry, deadline)
+            return
+        raise
+    deadline.current = None
+    if isinstance(response, web.Response) and response.body_length:
+        entry.bytes = response.body_length if request.method != "HEAD" else 0
+    reply: Reply | None = request.get("edge.reply")
+    if reply is not None and reply.after is not None and entry.outcome == "ok":
+        request.app[STATE].spawn(reply.after())
+
+
+def _client_closed(entry: RequestLog, deadline: Deadline) -> None:
+    stage = deadline.current if deadline.current in DISCONNECT_STAGES else "fetch"
+    entry.status, entry.outcome, entry.label = 499, "client_closed", stage
+
+
+def _account(request: web.Request, entry: RequestLog, deadline: Deadline) -> None:
+    """One metrics update and one access-log line for the request, whatever happened."""
+    metrics = request.app[METRICS]
+    duration = time.monotonic() - deadline.started
+    metrics.requests.labels(code=str(entry.status), outcome=entry.outcome).inc()
+    metrics.request_duration.labels(outcome=entry.outcome).observe(duration)
+    for stage, seconds in deadline.spent.items():
+        if stage in ("queue", "fetch", "transform", "cache_get", "cache_set"):
+            metrics.stage_duration.labels(stage=stage).observe(seconds)
+    if entry.outcome == "client_closed":
+        metrics.client_disconnects.labels(stage=entry.label or "fetch").inc()
+    elif entry.outcome == "overloaded":
+        metrics.load_shed.labels(reason=entry.label or "origin").inc()
+    elif entry.outcome == "timeout":
+        metrics.backend_timeouts.labels(stage=entry.label or "fetch").inc()
+    if entry.bytes:
+        metrics.response_bytes.labels(format=entry.format_label).inc(entry.bytes)
+    fields = {
+        "request_id": request["edge.request_id"],
+        "method": request.method,
+        "path": redact(request.path_qs),
+        "status": entry.status,
+        "outcome": entry.outcome,
+        "reason": entry.label,
+        "cache": entry.cache,
+        "bytes": entry.bytes,
+        "duration_ms": round(duration * 1000, 2),
+        "stages_ms": {k: round(v * 1000, 2) for k, v in deadline.spent.items()},
+    }
+    ACCESS.info(access_line(fields))
+
+
+def _error_response(
+    request: web.Request,
+    error: EdgeError,
+    entry: RequestLog,
+    *,
+    trace: str | None = None,
+    cause: BaseException | None = None,
+) -> web.Response:
+    settings = request.app[SETTINGS]
+    entry.status, entry.outcome, entry.label = error.status, error.outcome, error.label
+    fmt = _requested_format(request)
+    body = error_body(
+        error,
+        level=settings.error_detail,
+        request_id=request["edge.request_id"],
+        fmt=fmt,
+        traceback=trace,
+    )
+    headers = _common_headers(request)
+    headers["Content-Type"] = body.content_type
+    if error.cacheable and settings.error_max_age > 0:
+        headers["Cache-Control"] = f"public, max-age={settings.error_max_age}"
+    else:
+        headers["Cache-Control"] = "no-store"
+    if isinstance(error, Overloaded):
+        headers["Retry-After"] = str(error.retry_after)
+    return web.Response(status=error.status, body=body.data, headers=headers)
+
+
+def _requested_format(request: web.Request) -> ReqFormat:
+    """The body format named by ``req=...,json|xml``, read leniently for error bodies."""
+    for name, value in request.query.items():
+        if name.lower() == "req" and "," in value:
+            suffix = value.rsplit(",", 1)[1].strip().lower()
+            if suffix in ("json", "xml"):
+                return ReqFormat(suffix)
+    return ReqFormat.TEXT
+
+
+def _outcome_for_status(status: int) -> str:
+    return {
+        400: "bad_request",
+        401: "unauthorized",
+        403: "forbidden",
+        404: "not_found",
+        503: "overloaded",
+    }.get(status, "bad_request" if status < 500 else "internal_error")
+
+
+def _request_id(request: web.Request) -> str:
+    given = request.headers.get("X-Request-Id", "")
+    return given if _REQUEST_ID.match(given) else uuid.uuid4().hex
+
+
+def _deadline(request: web.Request, settings: Settings) -> Deadline:
+    deadline = Deadline.after(settings.backend_timeout)
+    envoy = request.headers.get("X-Envoy-Expected-Rq-Timeout-Ms")
+    if envoy and envoy.isdigit():
+        deadline.shorten_to((int(envoy) - 100) / 1000)
+    return deadline
+
+
+def _common_headers(request: web.Request) -> dict[str, str]:
+    settings = request.app[SETTINGS]
+    headers = {
+        "X-Request-Id": request["edge.request_id"],
+        "Accept-Ranges": "none",
+        **SECURITY_HEADERS,
+    }
+    deadline: Deadline = request["edge.deadline"]
+    timings = [
+        f"{stage};dur={deadline.spent[stage] * 1000:.1f}"
+        for stage in TIMING_STAGES
+        if stage in deadline.spent
+    ]
+    if timings:
+        headers["Server-Timing"] = ", ".join(timings)
+        headers["Timing-Allow-Origin"] = "*"
+    origins = settings.cors_origins
+    caller = request.headers.get("Origin")
+    if "*" in origins:
+        headers["Access-Control-Allow-Origin"] = "*"
+    elif caller and caller in origins:
+        headers["Access-Control-Allow-Origin"] = caller
+        headers["Vary"] = "Origin"
+    return headers
+
+
+# --- handlers ---------------------------------------------------------------------------
+
+
+async def image(request: web.Request) -> web.StreamResponse:
+    """Every object key: the image pipeline."""
+    incoming = Incoming(
+        raw_path=request.raw_path.split("?", 1)[0],
+        query=list(request.query.items()),
+        headers=request.headers,
+        request_id=request["edge.request_id"],
+        deadline=request["edge.deadline"],
+    )
+    reply = await request.app[SERVICE].handle(incoming)
+    request["edge.reply"] = reply
+    headers = _common_headers(request)
+    if "Vary" in headers and "Vary" in reply.headers:
+        reply.headers["Vary"] = f"{reply.headers['Vary']}, {headers.pop('Vary')}"
+    headers.update(reply.headers)
+    if reply.cache is not None:
+        headers["X-Edge-Cache"] = reply.cache
+    return web.Response(status=reply.status, body=reply.body, headers=headers)
+
+
+async def healthz(request: web.Request) -> web.Response:
+    """Liveness: the event loop answers. Never touches origin, cache or slots."""
+    return web.Response(text="ok\n", headers=SECURITY_HEADERS)
+
+
+async def readyz(request: web.Request) -> web.Response:
+    """Readiness: 503 once shutdown has begun, so load balancers drain us first."""
+    if request.app[STATE].ready:
+        return web.Response(text="ready\n", headers=SECURITY_HEADERS)
+    return web.Response(status=503, text="shutting down\n", headers=SECURITY_HEADERS)
+
+
+async def metrics_endpoint(request: web.Request) -> web.Response:
+    body = await asyncio.to_thread(generate_latest, request.app[METRICS].registry)
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+async def operator_endpoint(request: web.Request) -> web.Response:
+    """``/_edge/...``: operator endpoints are off until an admin token is configured."""
+    raise web.HTTPNotFound(text="operator endpoints are not enabled\n")

@@ -1,0 +1,316 @@
+"""The request pipeline, free of any HTTP server: Incoming -> Reply, or an EdgeError.
+
+Data flows one way: key and parameters -> cache -> origin (fetch, holding no transform
+slot) -> header probe -> admission (slot + memory reservation) -> imaging (in a worker
+thread, killable) -> reply, with the cache write left for after the response is sent.
+Every stage spends the request's one Deadline; a stage that outlives it raises the
+contract's class for that stage (FetchTimeout, QueueTimeout, TransformTimeout).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+from edge import imaging
+from edge.admission import Admission
+from edge.budget import Deadline, KillSwitch
+from edge.errors import (
+    DynamicOriginDisabled,
+    EdgeError,
+    FetchTimeout,
+    FormatNotAllowed,
+    NotFound,
+    OriginalRequestsDisabled,
+    TransformTimeout,
+    UndecodableImage,
+)
+from edge.metrics import Metrics
+from edge.origins import Fetched, FetchOptions, Origin
+from edge.params import (
+    ImageRequest,
+    OutputFormat,
+    ParamPolicy,
+    ReqType,
+    accepted_formats,
+    apply_client_hints,
+    parse_key,
+    parse_query,
+)
+from edge.responses import Body, derived_etag, etag_matches, props_body
+from edge.settings import Settings
+
+SNIFFED_TYPES = {
+    "jpeg": "image/jpeg",
+    "png": "image/png",
+    "webp": "image/webp",
+    "gif": "image/gif",
+    "avif": "image/avif",
+    "heif": "image/heif",
+    "tiff": "image/tiff",
+}
+
+
+@dataclass
+class Incoming:
+    """One request as the pipeline sees it (built by the HTTP layer)."""
+
+    raw_path: str
+    query: Sequence[tuple[str, str]]
+    headers: Mapping[str, str]
+    request_id: str
+    deadline: Deadline
+
+
+@dataclass
+class Reply:
+    """What to send: the HTTP layer adds the headers every response carries."""
+
+    status: int
+    body: bytes
+    headers: dict[str, str]
+    outcome: str = "ok"
+    #: response-bytes metric label: an output format, or "other"
+    format_label: str = "other"
+    #: X-Edge-Cache value, when the request went through the cache
+    cache: str | None = None
+    #: work to run once the response has been sent (cache writes)
+    after: Callable[[], Awaitable[None]] | None = None
+    #: errors carried by a substitute image (error/default image) keep their outcome
+    error: EdgeError | None = field(default=None)
+
+
+@dataclass(frozen=True, slots=True)
+class Rendered:
+    """A finished image and the validators its response carries."""
+
+    body: bytes
+    format: OutputFormat
+    width: int
+    height: int
+    quality: int | None
+    etag: str | None
+    last_modified: str | None
+    vary_accept: bool
+
+
+class Service:
+    """Owns the pipeline's collaborators; one per worker process."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        origin: Origin,
+        admission: Admission,
+        pool: concurrent.futures.Executor,
+        metrics: Metrics,
+    ) -> None:
+        self.settings = settings
+        self.origin = origin
+        self.admission = admission
+        self.pool = pool
+        self.metrics = metrics
+        self.policy = ParamPolicy.from_settings(settings)
+        self.limits = imaging.Limits(
+            allowed_formats=settings.allowed_input_formats,
+            max_source_pixels=settings.max_source_pixels,
+            max_animation_frames=settings.max_animation_frames,
+            max_output_dimension=settings.max_output_dimension,
+            max_output_pixels=settings.max_output_pixels,
+        )
+
+    async def handle(self, incoming: Incoming) -> Reply:
+        key = parse_key(incoming.raw_path)
+        request = parse_query(incoming.query, self.policy)
+        self._check_policy(request)
+        if request.backend_timeout is not None:
+            incoming.deadline.shorten_to(request.backend_timeout)
+        if request.is_original:
+            return await self._original(key, incoming)
+        if request.req is ReqType.EXISTS:
+            return await self._exists(key, request, incoming)
+        if request.req is ReqType.IMAGEPROPS:
+            return await self._image_props(key, request, incoming)
+        request, hints = apply_client_hints(
+            request,
+            incoming.headers.get("Sec-CH-DPR"),
+            incoming.headers.get("Sec-CH-Width"),
+            self.settings.max_output_dimension,
+        )
+        rendered = await self._render(key, request, incoming)
+        if request.req is ReqType.PROPS:
+            return self._props_reply(rendered, request)
+        return self._image_reply(rendered, incoming, hints)
+
+    def _check_policy(self, request: ImageRequest) -> None:
+        if request.origin is not None or request.bucket is not None:
+            raise DynamicOriginDisabled("origin= and bucket= are not enabled on this service")
+        if request.is_original and not self.settings.allow_original_image_request:
+            raise OriginalRequestsDisabled("requests for the original image are disabled")
+
+    # --- stages ---------------------------------------------------------------------------
+
+    async def _fetch(self, key: str, incoming: Incoming) -> Fetched:
+        deadline = incoming.deadline
+        options = FetchOptions(
+            max_bytes=self.settings.max_source_bytes,
+            request_id=incoming.request_id,
+            connect_timeout=min(self.settings.backend_connect_timeout, deadline.remaining()),
+        )
+        with deadline.stage("fetch"):
+            try:
+                async with asyncio.timeout(deadline.remaining()):
+                    return await self.origin.fetch(key, options)
+            except TimeoutError as exc:
+                raise FetchTimeout(
+                    "the time budget ran out while fetching the original",
+                    detail=f"key {key!r}",
+                ) from exc
+
+    async def _probe(self, data: bytes) -> imaging.SourceInfo:
+        # Header parsing can touch the whole file (GIF frame counts): off the event loop.
+        return await asyncio.to_thread(imaging.probe, data, self.limits)
+
+    async def _render(self, key: str, request: ImageRequest, incoming: Incoming) -> Rendered:
+        fetched = await self._fetch(key, incoming)
+        info = await self._probe(fetched.data)
+        accepted = accepted_formats(incoming.headers.get("Accept"))
+        plan = imaging.plan(
+            info,
+            request.spec,
+            accepted=accepted,
+            default_quality=self.settings.default_quality,
+            limits=self.limits,
+        )
+        output = await self._transform(fetched.data, info, plan, request, incoming.deadline)
+        canonical = request.canonical()
+        return Rendered(
+            body=output.body,
+            format=output.format,
+            width=output.width,
+            height=output.height,
+            quality=output.quality,
+            etag=derived_etag(
+                fetched.etag or fetched.last_modified, canonical, output.format.value
+            ),
+            last_modified=fetched.last_modified,
+            vary_accept=plan.vary_accept,
+        )
+
+    async def _transform(
+        self,
+        data: bytes,
+        info: imaging.SourceInfo,
+        plan: imaging.Plan,
+        request: ImageRequest,
+        deadline: Deadline,
+    ) -> imaging.Output:
+        with deadline.stage("queue"):
+            ticket = await self.admission.admit(plan.memory_estimate, deadline)
+        kill = KillSwitch()
+        with deadline.stage("transform"):
+            future = asyncio.get_running_loop().run_in_executor(
+                self.pool, imaging.transform, data, info, plan, request.spec, kill
+            )
+            # The slot is free only when the thread is: a killed pipeline keeps it until
+            # libvips has actually stopped, so the pool never runs more than the slots.
+            future.add_done_callback(lambda done: _settle(done, ticket.release))
+            try:
+                return await asyncio.wait_for(asyncio.shield(future), deadline.remaining())
+            except TimeoutError:
+                kill.kill("timeout")
+                raise TransformTimeout(
+                    "the time budget ran out while transforming", detail=f"plan {plan}"
+                ) from None
+            except asyncio.CancelledError:
+                kill.kill("client_closed")
+                raise
+
+    # --- replies --------------------------------------------------------------------------
+
+    def _image_reply(self, rendered: Rendered, incoming: Incoming, hints: Sequence[str]) -> Reply:
+        headers = self._success_headers(rendered.etag, rendered.last_modified)
+        vary = (["Accept"] if rendered.vary_accept else []) + list(hints)
+        if vary:
+            headers["Vary"] = ", ".join(vary)
+        if etag_matches(incoming.headers.get("If-None-Match"), rendered.etag):
+            return Reply(304, b"", headers, outcome="not_modified", cache="miss")
+        headers["Content-Type"] = rendered.format.content_type
+        return Reply(200, rendered.body, headers, format_label=rendered.format.value, cache="miss")
+
+    def _props_reply(self, rendered: Rendered, request: ImageRequest) -> Reply:
+        body = props_body(
+            {
+                "image.width": rendered.width,
+                "image.height": rendered.height,
+                "image.format": rendered.format.value,
+                "image.bytes": len(rendered.body),
+                "image.quality": rendered.quality or 0,
+            },
+            request.req_format,
+        )
+        return self._body_reply(body)
+
+    def _body_reply(self, body: Body) -> Reply:
+        headers = self._success_headers(None, None)
+        headers["Content-Type"] = body.content_type
+        return Reply(200, body.data, headers)
+
+    def _success_headers(self, etag: str | None, last_modified: str | None) -> dict[str, str]:
+        headers = {"Cache-Control": f"public, max-age={self.settings.http_max_age}"}
+        if etag:
+            headers["ETag"] = etag
+        if last_modified:
+            headers["Last-Modified"] = last_modified
+        return headers
+
+    async def _original(self, key: str, incoming: Incoming) -> Reply:
+        fetched = await self._fetch(key, incoming)
+        sniffed = imaging.sniff(fetched.data)
+        if sniffed is None:
+            raise UndecodableImage("the original is not an image edge can read")
+        if sniffed not in self.settings.allowed_input_formats:
+            raise FormatNotAllowed(f"{sniffed} originals are not allowed on this service")
+        if sniffed == "svg":
+            data = await asyncio.to_thread(imaging.rasterise_svg, fetched.data, self.limits)
+            headers = self._success_headers(None, fetched.last_modified)
+            headers["Content-Type"] = "image/png"
+            return Reply(200, data, headers, format_label="png", cache="miss")
+        headers = self._success_headers(fetched.etag, fetched.last_modified)
+        if etag_matches(incoming.headers.get("If-None-Match"), fetched.etag):
+            return Reply(304, b"", headers, outcome="not_modified")
+        headers["Content-Type"] = SNIFFED_TYPES[sniffed]
+        label = sniffed if sniffed in ("jpeg", "png", "webp", "gif", "avif") else "other"
+        return Reply(200, fetched.data, headers, format_label=label)
+
+    async def _exists(self, key: str, request: ImageRequest, incoming: Incoming) -> Reply:
+        try:
+            await self._fetch(key, incoming)
+            exists = 1
+        except NotFound:
+            exists = 0
+        return self._body_reply(props_body({"catalogRecord.exists": exists}, request.req_format))
+
+    async def _image_props(self, key: str, request: ImageRequest, incoming: Incoming) -> Reply:
+        fetched = await self._fetch(key, incoming)
+        info = await self._probe(fetched.data)
+        props = {
+            "image.width": info.upright_width,
+            "image.height": info.upright_height,
+            "image.format": info.format,
+            "image.bytes": len(fetched.data),
+            "image.pages": info.pages,
+            "image.orientation": info.orientation,
+            "image.hasAlpha": info.has_alpha,
+        }
+        return self._body_reply(props_body(props, request.req_format))
+
+
+def _settle(done: asyncio.Future[imaging.Output], release: Callable[[], None]) -> None:
+    """Free the slot and consume an abandoned transform's result or error."""
+    release()
+    if not done.cancelled():
+        done.exception()

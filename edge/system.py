@@ -1,0 +1,92 @@
+"""What the machine gives this process: CPUs, memory (cgroup-aware), RSS, and malloc_trim.
+
+Containers lie through /proc/cpuinfo and /proc/meminfo; the cgroup files are the truth
+about quota. Everything here degrades to a sane answer when a file is missing.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+from pathlib import Path
+
+_CGROUP = Path("/sys/fs/cgroup")
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+def available_cpus() -> int:
+    """min(CPU affinity, cgroup cpu.max quota), at least 1."""
+    try:
+        count = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        count = os.cpu_count() or 1
+    quota = _cgroup_cpu_quota()
+    if quota is not None:
+        count = min(count, max(1, int(quota + 0.999)))
+    return max(1, count)
+
+
+def _cgroup_cpu_quota() -> float | None:
+    text = _read(_CGROUP / "cpu.max")  # cgroup v2: "max 100000" or "200000 100000"
+    if text:
+        quota, _, period = text.partition(" ")
+        if quota != "max" and period:
+            return int(quota) / int(period)
+        return None
+    quota_v1 = _read(_CGROUP / "cpu" / "cpu.cfs_quota_us")
+    period_v1 = _read(_CGROUP / "cpu" / "cpu.cfs_period_us")
+    if quota_v1 and period_v1 and int(quota_v1) > 0:
+        return int(quota_v1) / int(period_v1)
+    return None
+
+
+def available_memory() -> int:
+    """Physical memory, or the cgroup memory limit when that is lower."""
+    total = _meminfo_total()
+    for path in (_CGROUP / "memory.max", _CGROUP / "memory" / "memory.limit_in_bytes"):
+        text = _read(path)
+        if text and text != "max" and text.isdigit():
+            total = min(total, int(text))
+    return total
+
+
+def _meminfo_total() -> int:
+    text = _read(Path("/proc/meminfo")) or ""
+    for line in text.splitlines():
+        if line.startswith("MemTotal:"):
+            return int(line.split()[1]) * 1024
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def resident_bytes(pid: int | None = None) -> int:
+    """Resident set size of a process (this one by default), 0 if unknown."""
+    text = _read(Path(f"/proc/{pid or 'self'}/statm"))
+    if not text:
+        return 0
+    return int(text.split()[1]) * _PAGE
+
+
+def _read(path: Path) -> str | None:
+    try:
+        return path.read_text().strip()
+    except OSError:
+        return None
+
+
+class Trimmer:
+    """glibc's malloc_trim, when this libc has it: hands freed arenas back to the kernel.
+
+    libvips allocates and frees large tiles from many threads; glibc keeps the freed
+    memory in per-thread arenas, so RSS creeps unless it is trimmed now and then.
+    """
+
+    def __init__(self) -> None:
+        name = ctypes.util.find_library("c")
+        libc = ctypes.CDLL(name) if name else None
+        self._trim = getattr(libc, "malloc_trim", None)
+
+    def trim(self) -> bool:
+        if self._trim is None:
+            return False
+        return bool(self._trim(0))

@@ -1,0 +1,81 @@
+"""Small shared test helpers: building an app client, reading metrics, decoding images."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
+
+import pyvips
+from aiohttp.test_utils import TestClient
+from prometheus_client import CollectorRegistry
+from prometheus_client.parser import text_string_to_metric_families
+
+from edge.app import create_app
+from edge.origins import Origin
+from edge.settings import Settings, load_settings
+
+MakeClient = Callable[..., Awaitable[TestClient[Any, Any]]]
+
+
+def settings_from(env: Mapping[str, str]) -> Settings:
+    return load_settings(dict(env))
+
+
+async def start_edge(
+    aiohttp_client: Any, env: Mapping[str, str], origin: Origin | None = None
+) -> TestClient[Any, Any]:
+    app = create_app(settings_from(env), registry=CollectorRegistry(), origin=origin)
+    client: TestClient[Any, Any] = await aiohttp_client(
+        app, server_kwargs={"handler_cancellation": True}
+    )
+    return client
+
+
+async def metric(client: TestClient[Any, Any], name: str, **labels: str) -> float:
+    """The value of one sample from /metrics (0 when the series is absent)."""
+    response = await client.get("/metrics")
+    text = await response.text()
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                return float(sample.value)
+    return 0.0
+
+
+async def metric_sum(client: TestClient[Any, Any], name: str) -> float:
+    response = await client.get("/metrics")
+    text = await response.text()
+    return sum(
+        float(sample.value)
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == name
+    )
+
+
+def decode(data: bytes) -> pyvips.Image:
+    return pyvips.Image.new_from_buffer(data, "")
+
+
+def loader_format(image: pyvips.Image) -> str:
+    """jpeg, png, webp, gif, heif (avif) from the loader libvips picked."""
+    loader = str(image.get("vips-loader"))
+    for name in ("jpeg", "png", "webp", "gif", "heif"):
+        if loader.startswith(name):
+            return name
+    return loader
+
+
+def mean_difference(a: pyvips.Image, b: pyvips.Image) -> float:
+    """Mean absolute pixel difference (0-255) after resizing b to a's size, sRGB 3-band."""
+    a3, b3 = _rgb(a), _rgb(b)
+    if (b3.width, b3.height) != (a3.width, a3.height):
+        b3 = b3.resize(a3.width / b3.width, vscale=a3.height / b3.height)
+    return float((a3 - b3).abs().avg())
+
+
+def _rgb(image: pyvips.Image) -> pyvips.Image:
+    if image.hasalpha():
+        image = image.flatten(background=[255, 255, 255])
+    image = image.colourspace("srgb")
+    return image[0:3] if image.bands > 3 else image

@@ -80,9 +80,7 @@ class FakeOrigin:
             self.cancelled.set()
             raise
 
-    async def _behave(
-        self, behaviour: str, rest: str, request: web.Request
-    ) -> web.StreamResponse:
+    async def _behave(self, behaviour: str, rest: str, request: web.Request) -> web.StreamResponse:
         if behaviour == "status":
             code, _, _ = rest.partition("/")
             headers = {"Retry-After": "7"} if code in ("429", "503") else {}
@@ -104,7 +102,9 @@ class FakeOrigin:
             return web.Response(body=body, headers=_validators(body))
         return await self._stream(behaviour, body, request)
 
-    async def _stream(self, behaviour: str, body: bytes, request: web.Request) -> web.StreamResponse:
+    async def _stream(
+        self, behaviour: str, body: bytes, request: web.Request
+    ) -> web.StreamResponse:
         response = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
         response.content_length = len(body) * (2 if behaviour == "lie" else 1)
         await response.prepare(request)

@@ -78,7 +78,8 @@ def test_the_cli_exits_non_zero_without_a_traceback() -> None:
         [sys.executable, "-m", "edge"], env=env, capture_output=True, text=True, timeout=60
     )
     assert result.returncode == 2
-    assert "EDGE_PORT" in result.stderr and "EDGE_CACHE" in result.stderr
+    assert "EDGE_PORT" in result.stderr
+    assert "EDGE_CACHE" in result.stderr
     assert "Traceback" not in result.stderr
 
 

@@ -159,4 +159,4 @@ def test_provisioning_points_at_the_dashboard_and_prometheus() -> None:
     providers = yaml.safe_load(PROVIDERS.read_text())
     (provider,) = providers["providers"]
     assert provider["type"] == "file"
-    assert provider["options"]["path"] == "/var/lib/grafana/dashboards"
+    assert provider["options"]["path"] == "/etc/grafana/dashboards"

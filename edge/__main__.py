@@ -40,22 +40,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def serve(settings: Settings) -> None:
-    """Run the service in this process until SIGINT/SIGTERM."""
-    from aiohttp import web
-
-    from edge.app import create_app
+    """Run the service in this process until SIGINT/SIGTERM, then drain and exit 0."""
+    from edge.app import run_server
 
     logs.configure(settings.log_level, settings.log_format)
     _install_uvloop()
-    web.run_app(
-        create_app(settings),
-        host=settings.host,
-        port=settings.port,
-        access_log=None,
-        handler_cancellation=True,
-        shutdown_timeout=settings.shutdown_grace,
-        print=None,
-    )
+    asyncio.run(run_server(settings))
 
 
 def _install_uvloop() -> None:

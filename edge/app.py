@@ -16,6 +16,7 @@ import asyncio
 import concurrent.futures
 import logging
 import re
+import signal
 import time
 import traceback
 import uuid
@@ -172,6 +173,32 @@ async def _memory_watch(app: web.Application) -> AsyncIterator[None]:
     yield
     task.cancel()
     await asyncio.gather(task, return_exceptions=True)
+
+
+async def run_server(settings: Settings) -> None:
+    """Serve until SIGTERM/SIGINT; then readyz turns 503, the listener closes, and
+    in-flight requests get EDGE_SHUTDOWN_GRACE seconds to finish before cleanup."""
+    app = create_app(settings)
+    runner = web.AppRunner(
+        app,
+        access_log=None,
+        handler_cancellation=True,
+        shutdown_timeout=settings.shutdown_grace,
+    )
+    await runner.setup()
+    site = web.TCPSite(runner, settings.host, settings.port, backlog=1024)
+    await site.start()
+    log.info(
+        "edge listening on %s:%s, origin %s", settings.host, settings.port, settings.origin_url
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    await stop.wait()
+    app[STATE].ready = False
+    log.info("shutting down: draining in-flight requests for up to %ss", settings.shutdown_grace)
+    await runner.cleanup()
 
 
 # --- the outcome middleware -------------------------------------------------------------

@@ -51,6 +51,9 @@ SETTINGS = web.AppKey("settings", Settings)
 METRICS = web.AppKey("metrics", Metrics)
 SERVICE = web.AppKey("service", Service)
 STATE = web.AppKey("state", "AppState")
+DEADLINE = web.RequestKey("deadline", Deadline)
+REQUEST_ID = web.RequestKey("request_id", str)
+REPLY = web.RequestKey("reply", Reply)
 
 RESERVED = frozenset({"/metrics", "/healthz", "/readyz"})
 SECURITY_HEADERS = {
@@ -214,8 +217,8 @@ async def outcome_middleware(
     settings, metrics = app[SETTINGS], app[METRICS]
     request_id = _request_id(request)
     deadline = _deadline(request, settings)
-    request["edge.deadline"] = deadline
-    request["edge.request_id"] = request_id
+    request[DEADLINE] = deadline
+    request[REQUEST_ID] = request_id
     entry = RequestLog()
     metrics.inflight.inc()
     try:
@@ -250,7 +253,7 @@ async def _respond(
         log.exception("unexpected error handling %s", redact(request.path_qs))
         error = EdgeError("an unexpected error occurred; it has been logged")
         return _error_response(request, error, entry, trace=traceback.format_exc(), cause=exc)
-    reply: Reply | None = request.get("edge.reply")
+    reply: Reply | None = request.get(REPLY)
     if reply is not None:
         entry.status, entry.outcome = reply.status, reply.outcome
         entry.cache, entry.format_label = reply.cache, reply.format_label
@@ -273,7 +276,7 @@ async def _send(
     deadline.current = None
     if isinstance(response, web.Response) and response.body_length:
         entry.bytes = response.body_length if request.method != "HEAD" else 0
-    reply: Reply | None = request.get("edge.reply")
+    reply: Reply | None = request.get(REPLY)
     if reply is not None and reply.after is not None and entry.outcome == "ok":
         request.app[STATE].spawn(reply.after())
 
@@ -301,7 +304,7 @@ def _account(request: web.Request, entry: RequestLog, deadline: Deadline) -> Non
     if entry.bytes:
         metrics.response_bytes.labels(format=entry.format_label).inc(entry.bytes)
     fields = {
-        "request_id": request["edge.request_id"],
+        "request_id": request[REQUEST_ID],
         "method": request.method,
         "path": redact(request.path_qs),
         "status": entry.status,
@@ -329,7 +332,7 @@ def _error_response(
     body = error_body(
         error,
         level=settings.error_detail,
-        request_id=request["edge.request_id"],
+        request_id=request[REQUEST_ID],
         fmt=fmt,
         traceback=trace,
     )
@@ -380,11 +383,11 @@ def _deadline(request: web.Request, settings: Settings) -> Deadline:
 def _common_headers(request: web.Request) -> dict[str, str]:
     settings = request.app[SETTINGS]
     headers = {
-        "X-Request-Id": request["edge.request_id"],
+        "X-Request-Id": request[REQUEST_ID],
         "Accept-Ranges": "none",
         **SECURITY_HEADERS,
     }
-    deadline: Deadline = request["edge.deadline"]
+    deadline: Deadline = request[DEADLINE]
     timings = [
         f"{stage};dur={deadline.spent[stage] * 1000:.1f}"
         for stage in TIMING_STAGES
@@ -412,11 +415,11 @@ async def image(request: web.Request) -> web.StreamResponse:
         raw_path=request.raw_path.split("?", 1)[0],
         query=list(request.query.items()),
         headers=request.headers,
-        request_id=request["edge.request_id"],
-        deadline=request["edge.deadline"],
+        request_id=request[REQUEST_ID],
+        deadline=request[DEADLINE],
     )
     reply = await request.app[SERVICE].handle(incoming)
-    request["edge.reply"] = reply
+    request[REPLY] = reply
     headers = _common_headers(request)
     if "Vary" in headers and "Vary" in reply.headers:
         reply.headers["Vary"] = f"{reply.headers['Vary']}, {headers.pop('Vary')}"

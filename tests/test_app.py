@@ -7,6 +7,7 @@ import logging
 from typing import Any
 
 import pytest
+from yarl import URL
 
 from tests.conftest import SHARED_IMAGES
 from tests.fake_origin import FakeOrigin
@@ -172,7 +173,7 @@ async def test_status_table_on_the_sample_folder(
     samples: Any, path: str, status: int, outcome: str, needle: str
 ) -> None:
     before = await metric(samples, "edge_requests_total", code=str(status), outcome=outcome)
-    response = await samples.get(path)
+    response = await samples.get(URL(path, encoded=True))
     body = await response.text()
     assert response.status == status, body
     assert needle in body

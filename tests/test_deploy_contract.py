@@ -1,7 +1,7 @@
 """The names deploy files depend on, read from the design contract, and the tools that check them.
 
 DESIGN.md (in shared/, beside the repository) fixes the EDGE_* variables (section 3) and
-the metric names (section 4). The other deploy tests import the helpers below; the tests
+the metric names (section 4). The other deploy tests import the functions below; the tests
 here hold the contract itself against the implementation in edge/metrics.py, so a
 dashboard that only uses contract names also only uses names the service exports.
 """

@@ -306,11 +306,11 @@ def rule_queries() -> tuple[list[tuple[str, str]], list[str]]:
 
 class PromAPI:
     def __init__(self, session: aiohttp.ClientSession, port: int) -> None:
-        self.session = session
+        self.http = session
         self.base = f"http://127.0.0.1:{port}/api/v1"
 
     async def get(self, path: str, **params: str) -> Any:
-        async with self.session.get(f"{self.base}/{path}", params=params) as response:
+        async with self.http.get(f"{self.base}/{path}", params=params) as response:
             body = await response.json()
         if body.get("status") != "success":
             raise ValueError(f"{body.get('errorType')}: {body.get('error')}")

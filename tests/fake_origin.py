@@ -11,6 +11,7 @@ The first path segment picks the behaviour; the rest is the object key under
     /lie/<key>                Content-Length larger than the body sent, then close
     /garbage/<key>            random bytes labelled image/jpeg
     /redirect/<n>/<key>       n redirects, then /ok/<key>
+    /goto/<host:port>/<key>   a redirect to http://<host:port>/ok/<key> (another host)
 
 ``events`` records what the origin saw (requests, and handlers cancelled because the
 client went away) so tests can assert causes, not just timings.
@@ -93,6 +94,9 @@ class FakeOrigin:
             count, _, key = rest.partition("/")
             target = f"/redirect/{int(count) - 1}/{key}" if int(count) > 1 else f"/ok/{key}"
             raise web.HTTPFound(target)
+        if behaviour == "goto":
+            authority, _, key = rest.partition("/")
+            raise web.HTTPFound(f"http://{authority}/ok/{key}")
         if behaviour == "garbage":
             return web.Response(body=os.urandom(4096), content_type="image/jpeg")
         body = self._body(rest)

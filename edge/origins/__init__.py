@@ -1,23 +1,27 @@
 """Where originals come from: one Origin protocol, a backend per storage kind.
 
-Only this package talks to storage. ``open_origin`` turns an EDGE_ORIGIN URL into the
-backend that serves it.
+Only this package talks to storage. ``open_origin`` turns a file or HTTP(S) EDGE_ORIGIN
+URL into its backend; ``open_configured_origin`` opens any kind, S3 included, from the
+settings; ``Origins`` owns the default origin together with the ``origin=`` and
+``bucket=`` overrides a request may select (all three live in router.py).
 """
 
 from __future__ import annotations
 
-from edge.metrics import Metrics
 from edge.origins.base import Fetched, FetchOptions, Origin
 from edge.origins.file import FileOrigin
 from edge.origins.http import HttpOrigin
+from edge.origins.router import Origins, open_configured_origin, open_origin
+from edge.origins.s3 import S3Origin
 
-__all__ = ["FetchOptions", "Fetched", "FileOrigin", "HttpOrigin", "Origin", "open_origin"]
-
-
-def open_origin(url: str, metrics: Metrics) -> Origin:
-    """The backend for an EDGE_ORIGIN URL (validated by settings); call inside a loop."""
-    if url.startswith("file:"):
-        return FileOrigin.from_url(url, metrics)
-    if url.startswith(("http:", "https:")):
-        return HttpOrigin(url, metrics)
-    raise ValueError(f"no origin backend for {url!r}")
+__all__ = [
+    "FetchOptions",
+    "Fetched",
+    "FileOrigin",
+    "HttpOrigin",
+    "Origin",
+    "Origins",
+    "S3Origin",
+    "open_configured_origin",
+    "open_origin",
+]

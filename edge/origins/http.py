@@ -3,9 +3,11 @@
 Owns the client session: a bounded connection pool, response decompression off (a gzip
 bomb stays a byte count checked against EDGE_MAX_SOURCE_BYTES), bounded redirects, and a
 connect timeout inside the request budget. Translates the origin's statuses and aiohttp's
-exceptions into the EdgeError tree (DESIGN.md section 2). Only headers edge builds itself
-are sent: a caller's Cookie or Authorization never reaches the origin, and nothing the
-origin sends but the validators and type is kept.
+exceptions into the EdgeError tree (DESIGN.md section 2); a connection the SSRF guard
+(``netguard.GuardedConnector``) refused, on the first hop or a redirect, is
+AddressRefused. Only headers edge builds itself are sent: a caller's Cookie or
+Authorization never reaches the origin, and nothing the origin sends but the validators
+and type is kept.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from multidict import CIMultiDictProxy
 
 from edge import __version__
 from edge.errors import (
+    AddressRefused,
     EdgeError,
     FetchTimeout,
     NotFound,
@@ -29,6 +32,7 @@ from edge.errors import (
 )
 from edge.metrics import Metrics
 from edge.origins.base import Fetched, FetchOptions, too_large
+from edge.origins.netguard import AddressRefusedError
 
 MAX_REDIRECTS = 5
 POOL_SIZE = 64
@@ -87,15 +91,18 @@ class HttpOrigin:
         except (aiohttp.ConnectionTimeoutError, aiohttp.SocketTimeoutError) as exc:
             self._count("timeout")
             raise FetchTimeout("the origin did not answer in time", detail=str(exc)) from exc
+        except aiohttp.ClientConnectorError as exc:
+            if isinstance(exc.os_error, AddressRefusedError):
+                self._count("refused")
+                raise _refused(exc.os_error) from exc
+            self._count("error")
+            raise _unreachable(exc) from exc
         except aiohttp.TooManyRedirects as exc:
             self._count("error")
             raise OriginFailed("the origin redirected too many times") from exc
         except (aiohttp.ClientError, OSError) as exc:
             self._count("error")
-            raise OriginFailed(
-                "the origin could not be reached or broke off",
-                detail=f"{type(exc).__name__}: {exc}",
-            ) from exc
+            raise _unreachable(exc) from exc
 
     async def _read_body(self, response: aiohttp.ClientResponse, max_bytes: int) -> bytes:
         declared = response.content_length
@@ -111,6 +118,21 @@ class HttpOrigin:
 
     def _count(self, code: str) -> None:
         self._metrics.origin_requests.labels(kind=self.kind, code=code).inc()
+
+
+def _unreachable(exc: Exception) -> OriginFailed:
+    return OriginFailed(
+        "the origin could not be reached or broke off",
+        detail=f"{type(exc).__name__}: {exc}",
+    )
+
+
+def _refused(refusal: AddressRefusedError) -> AddressRefused:
+    """The SSRF guard refused a hop (the first request or a redirect)."""
+    return AddressRefused(
+        "the origin address is not allowed",
+        detail=f"refused {refusal.address}: {refusal.reason}",
+    )
 
 
 def _raise_for_status(status: int, headers: CIMultiDictProxy[str], key: str) -> None:

@@ -901,7 +901,9 @@ def same_meaning(*spellings: str) -> st.SearchStrategy[tuple[str, ...]]:
 SPELLINGS: dict[str, st.SearchStrategy[tuple[str, ...]]] = {
     "width": st.integers(1, 1500).map(lambda n: (str(n), f"0{n}")),
     "height": st.integers(1, 1500).map(lambda n: (str(n), f"00{n}")),
-    "dpr": st.sampled_from(["1", "1.5", "2", "3"]).map(lambda v: (v, f"on,{v}", f"{v}0")),
+    "dpr": st.sampled_from(["1", "1.5", "2", "3"]).map(
+        lambda v: (v, f"on,{v}", v + ("0" if "." in v else ".0"))
+    ),
     "fit": st.sampled_from(
         [
             ("inside", "constrain"),

@@ -210,3 +210,14 @@ async def test_delete_and_purge_reach_redis(
     assert await cache.purge(cache.object_prefix("s3:b", "cat.jpg")) == 8
     assert await raw_redis.exists(*keys) == 0
     assert await raw_redis.exists(dog) == 1
+
+
+async def test_purge_pages_through_many_variants(
+    make_cache: MakeCache, raw_redis: redis.Redis
+) -> None:
+    cache = make_cache()
+    prefix = cache.object_prefix("s3:b", "popular.jpg")
+    await raw_redis.mset({f"{prefix}{n}": b"x" for n in range(1203)})
+    await raw_redis.set("edge:v1:p1:unrelated", b"x")
+    assert await cache.purge(prefix) == 1203
+    assert await raw_redis.dbsize() == 1

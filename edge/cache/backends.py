@@ -94,12 +94,18 @@ def redis_tier(url: str, *, timeout: float) -> Tier:
     return Tier("redis", backend, shared=True)
 
 
-def memcached_tier(url: str, *, max_item_bytes: int = MEMCACHED_MAX_ITEM_BYTES) -> Tier:
-    """``memcached://host[:port]``; values over ``max_item_bytes`` are skipped."""
+def memcached_tier(
+    url: str, *, max_item_bytes: int | None = MEMCACHED_MAX_ITEM_BYTES, pool_size: int = 8
+) -> Tier:
+    """``memcached://host[:port]``; values over ``max_item_bytes`` are skipped (None: let
+    the server refuse them, counted as errors). ``pool_size`` connections are opened on
+    first use; aiomcache queues calls for them (its default of 2 would serialise a busy
+    worker's look-ups)."""
     parts = urlsplit(url)
     backend = _MemcachedBytesCache(
         endpoint=parts.hostname or "127.0.0.1",
         port=parts.port or 11211,
+        pool_size=pool_size,
         serializer=BytesSerializer(),
         timeout=None,
     )

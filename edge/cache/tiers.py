@@ -303,10 +303,16 @@ class ResultCache:
         client = tier.backend.client
         pattern = _GLOB_SPECIALS.sub(r"\\\1", prefix) + "*"
         purged = 0
+        batch: list[bytes] = []
         try:
             async with asyncio.timeout(PURGE_SECONDS):
                 async for found in client.scan_iter(match=pattern, count=1000):
-                    purged += int(await client.unlink(found))
+                    batch.append(found)
+                    if len(batch) >= 500:
+                        purged += int(await client.unlink(*batch))
+                        batch.clear()
+                if batch:
+                    purged += int(await client.unlink(*batch))
         except Exception as exc:  # fail open: a purge that cannot reach Redis is partial
             log.warning("purge of %s in redis stopped after %d entries: %r", prefix, purged, exc)
         return purged

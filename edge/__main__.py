@@ -1,4 +1,4 @@
-"""Command line: ``edge`` serves; ``edge settings-table`` prints the configuration reference.
+"""Command line: ``edge`` serves; ``edge sign URL`` signs; ``edge settings-table`` documents.
 
 Settings are parsed once from the environment; every bad variable is reported together
 and the process exits with status 2, without a traceback.
@@ -16,6 +16,7 @@ from pathlib import Path
 
 from edge import logs
 from edge.settings import Settings, SettingsError, load_settings, reference_table
+from edge.signing import signed_url
 
 TABLE_BEGIN = "<!-- settings-table:begin -->"
 TABLE_END = "<!-- settings-table:end -->"
@@ -27,6 +28,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     commands.add_parser("serve", help="run the service (the default)")
     table = commands.add_parser("settings-table", help="print the EDGE_* reference table")
     table.add_argument("--write", metavar="README", help="replace the table inside this file")
+    sign = commands.add_parser("sign", help="print URL signed with the first EDGE_SIGNING_KEYS key")
+    sign.add_argument("url", help="an absolute URL or a path, already percent-encoded")
     args = parser.parse_args(argv)
     if args.command == "settings-table":
         return _settings_table(args.write)
@@ -35,7 +38,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SettingsError as exc:
         print(f"edge: {exc}", file=sys.stderr)
         return 2
+    if args.command == "sign":
+        return _sign(args.url, settings)
     serve(settings)
+    return 0
+
+
+def _sign(url: str, settings: Settings) -> int:
+    if not settings.signing_keys:
+        print("edge: set EDGE_SIGNING_KEYS to sign URLs", file=sys.stderr)
+        return 2
+    try:
+        print(signed_url(url, settings.signing_keys[0]))
+    except ValueError as exc:
+        print(f"edge: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -191,6 +191,8 @@ async def run_server(settings: Settings) -> None:
     await runner.setup()
     site = web.TCPSite(runner, settings.host, settings.port, backlog=1024)
     await site.start()
+    if not settings.signing_keys:
+        log.warning("EDGE_SIGNING_KEYS is not set: any caller may request any variant")
     log.info(
         "edge listening on %s:%s, origin %s", settings.host, settings.port, settings.origin_url
     )
@@ -411,8 +413,10 @@ def _common_headers(request: web.Request) -> dict[str, str]:
 
 async def image(request: web.Request) -> web.StreamResponse:
     """Every object key: the image pipeline."""
+    raw_path, _, raw_query = request.raw_path.partition("?")
     incoming = Incoming(
-        raw_path=request.raw_path.split("?", 1)[0],
+        raw_path=raw_path,
+        raw_query=raw_query,
         query=list(request.query.items()),
         headers=request.headers,
         request_id=request[REQUEST_ID],

@@ -41,6 +41,7 @@ from edge.params import (
 )
 from edge.responses import Body, derived_etag, etag_matches, props_body
 from edge.settings import Settings
+from edge.signing import verify
 
 SNIFFED_TYPES = {
     "jpeg": "image/jpeg",
@@ -58,6 +59,8 @@ class Incoming:
     """One request as the pipeline sees it (built by the HTTP layer)."""
 
     raw_path: str
+    #: the query string exactly as received (signatures cover these bytes)
+    raw_query: str
     query: Sequence[tuple[str, str]]
     headers: Mapping[str, str]
     request_id: str
@@ -123,6 +126,9 @@ class Service:
         )
 
     async def handle(self, incoming: Incoming) -> Reply:
+        if self.settings.signing_keys:
+            # Checked first: an unsigned request learns nothing, not even a 400.
+            verify(incoming.raw_path, incoming.raw_query, self.settings.signing_keys)
         key = parse_key(incoming.raw_path)
         request = parse_query(incoming.query, self.policy)
         self._check_policy(request)

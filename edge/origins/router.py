@@ -33,6 +33,7 @@ DYNAMIC_ORIGINS_KEPT = 64
 DYNAMIC_POOL_SIZE = 8
 DEFAULT_PORTS = {"http": 80, "https": 443}
 _HOST_NAME = re.compile(r"^[a-z0-9_-]+(\.[a-z0-9_-]+)*$")
+_NUMERIC_LABEL = re.compile(r"^(0x[0-9a-f]*|[0-9]+)$")
 _ORIGIN_FORM = "host[:port] or http(s)://host[:port]"
 
 
@@ -110,6 +111,10 @@ def canonical_host(host: str) -> str:
         raise InvalidParameter("origin", "the host is not a valid name") from exc
     if not _HOST_NAME.match(name):
         raise InvalidParameter("origin", "the host is not a valid name")
+    if _NUMERIC_LABEL.match(name.rsplit(".", 1)[-1]):
+        # 2130706433, 127.1, 0x7f.1, 017.0.0.1: other spellings of an IPv4 address,
+        # read differently by different resolvers; only the canonical form is accepted
+        raise InvalidParameter("origin", "the host is not a canonical IP address")
     return name
 
 

@@ -102,6 +102,16 @@ class ResultCache:
         self._lock_poll = lock_poll
         self._clock = clock
         self._resting_until: dict[int, float] = {}
+        # labelled children resolved once: the hit path is counted on every request
+        self._counters = {
+            (tier.name, result): metrics.cache_requests.labels(tier=tier.name, result=result)
+            for tier in self._tiers
+            for result in ("hit", "miss", "stale", "error")
+        }
+        self._timers = {
+            stage: metrics.stage_duration.labels(stage=stage)
+            for stage in ("cache_get", "cache_set")
+        }
 
     @classmethod
     def from_settings(
@@ -431,6 +441,9 @@ class ResultCache:
         if self._clock() < self._resting_until.get(index, -math.inf):
             raise TierFailed(f"{tier.name} is resting after a failure")
         try:
+            if not tier.shared:
+                # in-process: nothing to wait for, so no timer on the hit path
+                return await call()
             async with asyncio.timeout(self._timeout):
                 return await call()
         except Exception as exc:  # fail open: whatever a tier does wrong is a miss
@@ -447,9 +460,9 @@ class ResultCache:
         return next((tier for tier in self._tiers if tier.name == "memory"), None)
 
     def _count(self, tier: Tier, result: str) -> None:
-        self._metrics.cache_requests.labels(tier=tier.name, result=result).inc()
+        self._counters[tier.name, result].inc()
 
     def _observe(self, stage: str, seconds: float, deadline: Deadline | None) -> None:
-        self._metrics.stage_duration.labels(stage=stage).observe(seconds)
+        self._timers[stage].observe(seconds)
         if deadline is not None:
             deadline.record(stage, seconds)

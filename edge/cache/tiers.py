@@ -92,7 +92,6 @@ class ResultCache:
         released (longer than any fill takes); ``lock_poll`` how often waiters look.
         ``clock`` is unix time, used for entry ages and rests (tests inject a fake)."""
         self._tiers = tuple(tiers)
-        self._metrics = metrics
         self._ttl = ttl
         self._stale_ttl = stale_ttl
         self.namespace = namespace

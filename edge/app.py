@@ -50,7 +50,6 @@ log = logging.getLogger("edge")
 SETTINGS = web.AppKey("settings", Settings)
 METRICS = web.AppKey("metrics", Metrics)
 SERVICE = web.AppKey("service", Service)
-STATE = web.AppKey("state", "AppState")
 DEADLINE = web.RequestKey("deadline", Deadline)
 REQUEST_ID = web.RequestKey("request_id", str)
 REPLY = web.RequestKey("reply", Reply)
@@ -78,6 +77,9 @@ class AppState:
         task = asyncio.ensure_future(work)
         self.background.add(task)
         task.add_done_callback(self.background.discard)
+
+
+STATE = web.AppKey("state", AppState)
 
 
 @dataclass
@@ -137,9 +139,10 @@ def _service_context(
             baseline=system.resident_bytes(),
             metrics=metrics,
         )
-        app[SERVICE] = Service(
+        service = app[SERVICE] = Service(
             settings, origin=origin, admission=admission, pool=pool, metrics=metrics
         )
+        await service.load_error_image()
         yield
         state = app[STATE]
         if state.background:
@@ -251,14 +254,16 @@ async def _respond(
         return exc
     except (asyncio.CancelledError, KeyboardInterrupt, SystemExit):
         raise
-    except Exception as exc:
+    except Exception:
         log.exception("unexpected error handling %s", redact(request.path_qs))
-        error = EdgeError("an unexpected error occurred; it has been logged")
-        return _error_response(request, error, entry, trace=traceback.format_exc(), cause=exc)
+        bug = EdgeError("an unexpected error occurred; it has been logged")
+        return _error_response(request, bug, entry, trace=traceback.format_exc())
     reply: Reply | None = request.get(REPLY)
     if reply is not None:
         entry.status, entry.outcome = reply.status, reply.outcome
         entry.cache, entry.format_label = reply.cache, reply.format_label
+        if reply.error is not None:  # an image stood in: count the failure it answers for
+            entry.label = reply.error.label
     return response
 
 
@@ -326,7 +331,6 @@ def _error_response(
     entry: RequestLog,
     *,
     trace: str | None = None,
-    cause: BaseException | None = None,
 ) -> web.Response:
     settings = request.app[SETTINGS]
     entry.status, entry.outcome, entry.label = error.status, error.outcome, error.label

@@ -11,19 +11,22 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import logging
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from edge import imaging
 from edge.admission import Admission
 from edge.budget import Deadline, KillSwitch
 from edge.errors import (
+    ClientClosed,
     DynamicOriginDisabled,
     EdgeError,
     FetchTimeout,
     FormatNotAllowed,
     NotFound,
     OriginalRequestsDisabled,
+    Overloaded,
     TransformTimeout,
     UndecodableImage,
 )
@@ -34,14 +37,22 @@ from edge.params import (
     OutputFormat,
     ParamPolicy,
     ReqType,
+    TransformSpec,
     accepted_formats,
     apply_client_hints,
     parse_key,
     parse_query,
 )
-from edge.responses import Body, derived_etag, etag_matches, props_body
+from edge.responses import Body, PropValue, derived_etag, etag_matches, props_body
 from edge.settings import Settings
 from edge.signing import verify
+
+log = logging.getLogger("edge")
+
+#: seconds a default or error image may take, apart from the failed request's budget
+STAND_IN_BUDGET = 3.0
+#: side of a generated error image when the request named no size
+ERROR_IMAGE_SIDE = 300
 
 SNIFFED_TYPES = {
     "jpeg": "image/jpeg",
@@ -65,6 +76,9 @@ class Incoming:
     headers: Mapping[str, str]
     request_id: str
     deadline: Deadline
+    #: filled in as the pipeline learns them (stand-in images need them)
+    key: str | None = None
+    request: ImageRequest | None = None
 
 
 @dataclass
@@ -117,6 +131,8 @@ class Service:
         self.pool = pool
         self.metrics = metrics
         self.policy = ParamPolicy.from_settings(settings)
+        #: EDGE_ERROR_IMAGE's bytes when it names an origin key (see load_error_image)
+        self._error_image_bytes: bytes | None = None
         self.limits = imaging.Limits(
             allowed_formats=settings.allowed_input_formats,
             max_source_pixels=settings.max_source_pixels,
@@ -126,11 +142,23 @@ class Service:
         )
 
     async def handle(self, incoming: Incoming) -> Reply:
+        """The reply for one request; failures raise, unless an image stands in for them."""
+        try:
+            return await self._handle(incoming)
+        except (ClientClosed, Overloaded):
+            raise  # never substituted: the client is gone, or it should retry
+        except EdgeError as error:
+            stand_in = await self._stand_in(error, incoming)
+            if stand_in is None:
+                raise
+            return stand_in
+
+    async def _handle(self, incoming: Incoming) -> Reply:
         if self.settings.signing_keys:
             # Checked first: an unsigned request learns nothing, not even a 400.
             verify(incoming.raw_path, incoming.raw_query, self.settings.signing_keys)
-        key = parse_key(incoming.raw_path)
-        request = parse_query(incoming.query, self.policy)
+        key = incoming.key = parse_key(incoming.raw_path)
+        request = incoming.request = parse_query(incoming.query, self.policy)
         self._check_policy(request)
         if request.backend_timeout is not None:
             incoming.deadline.shorten_to(request.backend_timeout)
@@ -146,6 +174,7 @@ class Service:
             incoming.headers.get("Sec-CH-Width"),
             self.settings.max_output_dimension,
         )
+        incoming.request = request
         rendered = await self._render(key, request, incoming)
         if request.req is ReqType.PROPS:
             return self._props_reply(rendered, request)
@@ -159,11 +188,10 @@ class Service:
 
     # --- stages ---------------------------------------------------------------------------
 
-    async def _fetch(self, key: str, incoming: Incoming) -> Fetched:
-        deadline = incoming.deadline
+    async def _fetch(self, key: str, deadline: Deadline, request_id: str) -> Fetched:
         options = FetchOptions(
             max_bytes=self.settings.max_source_bytes,
-            request_id=incoming.request_id,
+            request_id=request_id,
             connect_timeout=min(self.settings.backend_connect_timeout, deadline.remaining()),
         )
         with deadline.stage("fetch"):
@@ -181,18 +209,9 @@ class Service:
         return await asyncio.to_thread(imaging.probe, data, self.limits)
 
     async def _render(self, key: str, request: ImageRequest, incoming: Incoming) -> Rendered:
-        fetched = await self._fetch(key, incoming)
-        info = await self._probe(fetched.data)
+        fetched = await self._fetch(key, incoming.deadline, incoming.request_id)
         accepted = accepted_formats(incoming.headers.get("Accept"))
-        plan = imaging.plan(
-            info,
-            request.spec,
-            accepted=accepted,
-            default_quality=self.settings.default_quality,
-            limits=self.limits,
-        )
-        output = await self._transform(fetched.data, info, plan, request, incoming.deadline)
-        canonical = request.canonical()
+        output, plan = await self._image(fetched.data, request.spec, accepted, incoming.deadline)
         return Rendered(
             body=output.body,
             format=output.format,
@@ -200,18 +219,36 @@ class Service:
             height=output.height,
             quality=output.quality,
             etag=derived_etag(
-                fetched.etag or fetched.last_modified, canonical, output.format.value
+                fetched.etag or fetched.last_modified, request.canonical(), output.format.value
             ),
             last_modified=fetched.last_modified,
             vary_accept=plan.vary_accept,
         )
+
+    async def _image(
+        self,
+        data: bytes,
+        spec: TransformSpec,
+        accepted: frozenset[OutputFormat],
+        deadline: Deadline,
+    ) -> tuple[imaging.Output, imaging.Plan]:
+        """Probe, plan, admit and transform ``data`` as ``spec`` asks."""
+        info = await self._probe(data)
+        plan = imaging.plan(
+            info,
+            spec,
+            accepted=accepted,
+            default_quality=self.settings.default_quality,
+            limits=self.limits,
+        )
+        return await self._transform(data, info, plan, spec, deadline), plan
 
     async def _transform(
         self,
         data: bytes,
         info: imaging.SourceInfo,
         plan: imaging.Plan,
-        request: ImageRequest,
+        spec: TransformSpec,
         deadline: Deadline,
     ) -> imaging.Output:
         with deadline.stage("queue"):
@@ -219,7 +256,7 @@ class Service:
         kill = KillSwitch()
         with deadline.stage("transform"):
             future = asyncio.get_running_loop().run_in_executor(
-                self.pool, imaging.transform, data, info, plan, request.spec, kill
+                self.pool, imaging.transform, data, info, plan, spec, kill
             )
             # The slot is free only when the thread is: a killed pipeline keeps it until
             # libvips has actually stopped, so the pool never runs more than the slots.
@@ -234,6 +271,110 @@ class Service:
             except asyncio.CancelledError:
                 kill.kill("client_closed")
                 raise
+
+    # --- images standing in for failures (Scene7 default and error images) ----------------
+
+    async def load_error_image(self) -> None:
+        """Read an EDGE_ERROR_IMAGE origin key once at start; a missing one stops start-up."""
+        name = self.settings.error_image
+        if name and name != "generated":
+            deadline = Deadline.after(self.settings.backend_timeout)
+            fetched = await self._fetch(name, deadline, "startup")
+            await self._probe(fetched.data)  # an unreadable error image is a start-up error too
+            self._error_image_bytes = fetched.data
+
+    async def _stand_in(self, error: EdgeError, incoming: Incoming) -> Reply | None:
+        """A default or error image answering for ``error`` with 200, or None."""
+        request = incoming.request
+        if request is not None and request.req is not ReqType.IMG:
+            return None  # property requests answer errors in their own format
+        spec = self._stand_in_spec(incoming)
+        # The failed request may have spent its budget: a stand-in gets a short one of its own.
+        deadline = Deadline.after(min(self.settings.backend_timeout, STAND_IN_BUDGET))
+        default_key = self._default_image_key(request)
+        try:
+            if isinstance(error, NotFound) and default_key and incoming.key != default_key:
+                return await self._default_image(default_key, error, spec, incoming, deadline)
+            if self.settings.error_image:
+                return await self._error_image(error, spec, incoming, deadline)
+        except EdgeError as failure:
+            log.info("stand-in image failed (%s); sending the plain error", failure.reason)
+        return None
+
+    def _default_image_key(self, request: ImageRequest | None) -> str | None:
+        if request is not None and request.default_image is not None:
+            return request.default_image or None  # defaultImage= (empty) disables it
+        return self.settings.default_image
+
+    def _stand_in_spec(self, incoming: Incoming) -> TransformSpec:
+        """The request's size, format and quality only (Scene7 DefaultImageMode 0)."""
+        spec = incoming.request.spec if incoming.request else self._lenient_spec(incoming)
+        return TransformSpec(
+            width=spec.width,
+            height=spec.height,
+            dpr=spec.dpr,
+            format=spec.format,
+            auto_format=spec.auto_format,
+            quality=spec.quality,
+        )
+
+    def _lenient_spec(self, incoming: Incoming) -> TransformSpec:
+        """Whatever size and format parameters parse on their own, when the query did not."""
+        fields: dict[str, object] = {}
+        for name, value in incoming.query:
+            try:
+                parsed = parse_query([(name, value)], self.policy).spec
+            except EdgeError:
+                continue
+            for field_name in ("width", "height", "dpr", "format", "auto_format", "quality"):
+                if getattr(parsed, field_name) != getattr(TransformSpec(), field_name):
+                    fields[field_name] = getattr(parsed, field_name)
+        return replace(TransformSpec(), **fields)  # type: ignore[arg-type]
+
+    async def _default_image(
+        self,
+        default_key: str,
+        error: EdgeError,
+        spec: TransformSpec,
+        incoming: Incoming,
+        deadline: Deadline,
+    ) -> Reply:
+        fetched = await self._fetch(default_key, deadline, incoming.request_id)
+        accepted = accepted_formats(incoming.headers.get("Accept"))
+        output, _ = await self._image(fetched.data, spec, accepted, deadline)
+        return self._stand_in_reply(error, output.body, output.format)
+
+    async def _error_image(
+        self, error: EdgeError, spec: TransformSpec, incoming: Incoming, deadline: Deadline
+    ) -> Reply:
+        accepted = accepted_formats(incoming.headers.get("Accept"))
+        if self._error_image_bytes is not None:
+            output, _ = await self._image(self._error_image_bytes, spec, accepted, deadline)
+            return self._stand_in_reply(error, output.body, output.format)
+        fmt = spec.format or _negotiated(accepted, spec.auto_format) or OutputFormat.PNG
+        width, height = self._error_image_size(spec)
+        body = await asyncio.to_thread(
+            imaging.render_error_image, error.title, error.reason, width, height, fmt, spec.quality
+        )
+        return self._stand_in_reply(error, body, fmt)
+
+    def _error_image_size(self, spec: TransformSpec) -> tuple[int, int]:
+        width = spec.width or spec.height or ERROR_IMAGE_SIDE
+        height = spec.height or spec.width or ERROR_IMAGE_SIDE
+        cap = self.settings.max_output_dimension
+        return min(round(width * spec.dpr), cap), min(round(height * spec.dpr), cap)
+
+    def _stand_in_reply(self, error: EdgeError, body: bytes, fmt: OutputFormat) -> Reply:
+        max_age = self.settings.error_max_age
+        cache_control = (
+            f"public, max-age={max_age}" if error.cacheable and max_age > 0 else "no-store"
+        )
+        headers = {
+            "Content-Type": fmt.content_type,
+            "X-Edge-Error": error.outcome,
+            "Cache-Control": cache_control,
+        }
+        return Reply(200, body, headers, outcome=error.outcome, format_label=fmt.value, error=error)
 
     # --- replies --------------------------------------------------------------------------
 
@@ -274,7 +415,7 @@ class Service:
         return headers
 
     async def _original(self, key: str, incoming: Incoming) -> Reply:
-        fetched = await self._fetch(key, incoming)
+        fetched = await self._fetch(key, incoming.deadline, incoming.request_id)
         sniffed = imaging.sniff(fetched.data)
         if sniffed is None:
             raise UndecodableImage("the original is not an image edge can read")
@@ -294,16 +435,16 @@ class Service:
 
     async def _exists(self, key: str, request: ImageRequest, incoming: Incoming) -> Reply:
         try:
-            await self._fetch(key, incoming)
+            await self._fetch(key, incoming.deadline, incoming.request_id)
             exists = 1
         except NotFound:
             exists = 0
         return self._body_reply(props_body({"catalogRecord.exists": exists}, request.req_format))
 
     async def _image_props(self, key: str, request: ImageRequest, incoming: Incoming) -> Reply:
-        fetched = await self._fetch(key, incoming)
+        fetched = await self._fetch(key, incoming.deadline, incoming.request_id)
         info = await self._probe(fetched.data)
-        props = {
+        props: dict[str, PropValue] = {
             "image.width": info.upright_width,
             "image.height": info.upright_height,
             "image.format": info.format,
@@ -313,6 +454,11 @@ class Service:
             "image.hasAlpha": info.has_alpha,
         }
         return self._body_reply(props_body(props, request.req_format))
+
+
+def _negotiated(accepted: frozenset[OutputFormat], auto: bool) -> OutputFormat | None:
+    preferred = (OutputFormat.AVIF, OutputFormat.WEBP) if auto else ()
+    return next((fmt for fmt in preferred if fmt in accepted), None)
 
 
 def _settle(done: asyncio.Future[imaging.Output], release: Callable[[], None]) -> None:

@@ -404,6 +404,20 @@ VARS: tuple[EnvVar, ...] = (
         shown_default="(none)",
     ),
     EnvVar("EDGE_ERROR_DETAIL", "1", integer(0, 3), "error body detail, 0-3"),
+    EnvVar(
+        "EDGE_ERROR_IMAGE",
+        "",
+        optional(str),
+        "`generated` (render the message) or an origin key: an image sent (200) instead of errors",
+        shown_default="(off)",
+    ),
+    EnvVar(
+        "EDGE_DEFAULT_IMAGE",
+        "",
+        optional(str),
+        "origin key of the image substituted for missing ones",
+        shown_default="(off)",
+    ),
     EnvVar("EDGE_LOG_LEVEL", "info", choice("debug", "info", "warning", "error"), "log level"),
     EnvVar("EDGE_LOG_FORMAT", "json", choice("json", "text"), "log line format"),
     EnvVar(
@@ -457,6 +471,8 @@ class Settings:
     error_max_age: int = 60
     cors_origins: tuple[str, ...] = ()
     error_detail: int = 1
+    error_image: str | None = None
+    default_image: str | None = None
     log_level: str = "info"
     log_format: str = "json"
     shutdown_grace: float = 20.0

@@ -36,10 +36,11 @@ from prometheus_client import (
 from edge import imaging, system
 from edge.admission import Admission
 from edge.budget import Deadline
+from edge.cache import ResultCache
 from edge.errors import EdgeError, Overloaded
 from edge.logs import ACCESS, access_line, redact
 from edge.metrics import DISCONNECT_STAGES, Metrics
-from edge.origins import Origin, open_origin
+from edge.origins import Origin, Origins
 from edge.params import ReqFormat
 from edge.responses import error_body
 from edge.service import Incoming, Reply, Service
@@ -130,7 +131,8 @@ def _service_context(
         imaging.configure(settings.allowed_input_formats)
         slots = settings.max_concurrency or system.available_cpus()
         queue = settings.queue_size if settings.queue_size is not None else 4 * slots
-        origin = given_origin or open_origin(settings.origin_url, metrics)
+        origins = await Origins.from_settings(settings, metrics, default=given_origin)
+        cache = ResultCache.from_settings(settings, metrics)
         pool = concurrent.futures.ThreadPoolExecutor(slots, thread_name_prefix="edge-vips")
         admission = Admission(
             slots=slots,
@@ -140,14 +142,20 @@ def _service_context(
             metrics=metrics,
         )
         service = app[SERVICE] = Service(
-            settings, origin=origin, admission=admission, pool=pool, metrics=metrics
+            settings,
+            origins=origins,
+            cache=cache,
+            admission=admission,
+            pool=pool,
+            metrics=metrics,
         )
         await service.load_error_image()
         yield
         state = app[STATE]
         if state.background:
             await asyncio.wait(state.background, timeout=settings.shutdown_grace)
-        await origin.close()
+        await origins.close()
+        await cache.close()
         pool.shutdown(wait=True, cancel_futures=True)
 
     return service_context

@@ -12,26 +12,32 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
+import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 from edge import imaging
 from edge.admission import Admission
 from edge.budget import Deadline, KillSwitch
+from edge.cache import Entry, Flight, FlightTimeout, ResultCache, SingleFlight
 from edge.errors import (
+    BadGateway,
     ClientClosed,
-    DynamicOriginDisabled,
     EdgeError,
     FetchTimeout,
+    Forbidden,
     FormatNotAllowed,
     NotFound,
     OriginalRequestsDisabled,
     Overloaded,
+    QueueTimeout,
+    Timeout,
     TransformTimeout,
+    Unauthorized,
     UndecodableImage,
 )
 from edge.metrics import Metrics
-from edge.origins import Fetched, FetchOptions, Origin
+from edge.origins import Fetched, FetchOptions, Origin, Origins
 from edge.params import (
     ImageRequest,
     OutputFormat,
@@ -51,6 +57,8 @@ log = logging.getLogger("edge")
 
 #: seconds a default or error image may take, apart from the failed request's budget
 STAND_IN_BUDGET = 3.0
+#: share of the remaining budget spent waiting for another process's fill of a cold key
+FILL_LOCK_SHARE = 0.5
 #: side of a generated error image when the request named no size
 ERROR_IMAGE_SIDE = 300
 
@@ -79,6 +87,7 @@ class Incoming:
     #: filled in as the pipeline learns them (stand-in images need them)
     key: str | None = None
     request: ImageRequest | None = None
+    origin: Origin | None = None
 
 
 @dataclass
@@ -111,6 +120,7 @@ class Rendered:
     etag: str | None
     last_modified: str | None
     vary_accept: bool
+    origin_etag: str | None = None
 
 
 class Service:
@@ -120,13 +130,16 @@ class Service:
         self,
         settings: Settings,
         *,
-        origin: Origin,
+        origins: Origins,
+        cache: ResultCache,
         admission: Admission,
         pool: concurrent.futures.Executor,
         metrics: Metrics,
     ) -> None:
         self.settings = settings
-        self.origin = origin
+        self.origins = origins
+        self.cache = cache
+        self.flights = SingleFlight(metrics)
         self.admission = admission
         self.pool = pool
         self.metrics = metrics
@@ -159,15 +172,15 @@ class Service:
             verify(incoming.raw_path, incoming.raw_query, self.settings.signing_keys)
         key = incoming.key = parse_key(incoming.raw_path)
         request = incoming.request = parse_query(incoming.query, self.policy)
-        self._check_policy(request)
+        origin = incoming.origin = self.origins.select(request.origin, request.bucket)
         if request.backend_timeout is not None:
             incoming.deadline.shorten_to(request.backend_timeout)
         if request.is_original:
-            return await self._original(key, incoming)
+            return await self._original(origin, key, incoming)
         if request.req is ReqType.EXISTS:
-            return await self._exists(key, request, incoming)
+            return await self._exists(origin, key, request, incoming)
         if request.req is ReqType.IMAGEPROPS:
-            return await self._image_props(key, request, incoming)
+            return await self._image_props(origin, key, request, incoming)
         request, hints = apply_client_hints(
             request,
             incoming.headers.get("Sec-CH-DPR"),
@@ -175,20 +188,123 @@ class Service:
             self.settings.max_output_dimension,
         )
         incoming.request = request
-        rendered = await self._render(key, request, incoming)
+        accepted = accepted_formats(incoming.headers.get("Accept"))
         if request.req is ReqType.PROPS:
+            rendered = await self._render(
+                origin, key, request, accepted, incoming.deadline, incoming.request_id
+            )
             return self._props_reply(rendered, request)
-        return self._image_reply(rendered, incoming, hints)
+        return await self._cached_image(origin, key, request, accepted, incoming, hints)
 
-    def _check_policy(self, request: ImageRequest) -> None:
-        if request.origin is not None or request.bucket is not None:
-            raise DynamicOriginDisabled("origin= and bucket= are not enabled on this service")
-        if request.is_original and not self.settings.allow_original_image_request:
-            raise OriginalRequestsDisabled("requests for the original image are disabled")
+    # --- the cache, coalescing and stale serving -------------------------------------------
+
+    async def _cached_image(
+        self,
+        origin: Origin,
+        key: str,
+        request: ImageRequest,
+        accepted: frozenset[OutputFormat],
+        incoming: Incoming,
+        hints: Sequence[str],
+    ) -> Reply:
+        token = _output_token(request.spec, accepted)
+        cache_key = self.cache.key(origin.identity, key, request.canonical(), token)
+        lookup = await self.cache.get(cache_key, deadline=incoming.deadline)
+        if lookup is not None and lookup.fresh:
+            if lookup.entry.status == 404:
+                raise NotFound("no such image", detail=f"key {key!r} (remembered as missing)")
+            return self._entry_reply(lookup.entry, incoming, hints, "hit")
+        try:
+            produced = await self._produce(cache_key, origin, key, request, accepted, incoming)
+        except (BadGateway, Timeout, Overloaded) as failure:
+            if lookup is None or lookup.entry.status != 200:
+                raise
+            # The origin or the machine is sick: yesterday's image beats an error.
+            log.info("serving a stale entry after %s (%s)", failure.outcome, failure.reason)
+            return self._entry_reply(lookup.entry, incoming, hints, "stale")
+        except (NotFound, Unauthorized, Forbidden):
+            if lookup is not None:
+                await self.cache.delete(cache_key)
+            raise
+        incoming.deadline.spent.update(produced.spent)
+        reply = self._entry_reply(produced.entry, incoming, hints, "miss")
+        reply.after = produced.store
+        return reply
+
+    async def _produce(
+        self,
+        cache_key: str,
+        origin: Origin,
+        key: str,
+        request: ImageRequest,
+        accepted: frozenset[OutputFormat],
+        incoming: Incoming,
+    ) -> Produced:
+        """One render for every identical miss in flight here (and, with a shared Redis
+        tier, across processes)."""
+
+        async def work(flight: Flight) -> Produced:
+            wait = flight.deadline.remaining() * FILL_LOCK_SHARE
+            async with self.cache.fill_lock(cache_key, wait=wait) as fill:
+                if fill.lookup is not None:  # another process stored it while we waited
+                    return Produced(fill.lookup.entry, dict(flight.deadline.spent))
+                try:
+                    rendered = await self._render(
+                        origin,
+                        key,
+                        request,
+                        accepted,
+                        flight.deadline,
+                        incoming.request_id,
+                        kill=flight,
+                    )
+                except NotFound:
+                    await self._remember_missing(cache_key)
+                    raise
+                entry = _entry_of(rendered)
+                produced = Produced(entry, dict(flight.deadline.spent), self.cache, cache_key)
+                if fill.acquired:
+                    # Other processes wait on this lock for the entry: store it first.
+                    await produced.store()
+                return produced
+
+        try:
+            return await self.flights.run(cache_key, incoming.deadline, work)
+        except FlightTimeout as late:
+            raise _timeout_in(late.stage) from None
+
+    async def _remember_missing(self, cache_key: str) -> None:
+        """A short negative entry (memory tier only), so a missing key costs one fetch."""
+        if self.settings.error_max_age > 0:
+            missing = Entry(
+                body=b"",
+                content_type="text/plain",
+                etag=None,
+                last_modified=None,
+                created=time.time(),
+                status=404,
+                error="not_found",
+            )
+            await self.cache.set_negative(cache_key, missing, self.settings.error_max_age)
+
+    def _entry_reply(
+        self, entry: Entry, incoming: Incoming, hints: Sequence[str], state: str
+    ) -> Reply:
+        headers = self._success_headers(entry.etag, entry.last_modified)
+        vary = ([entry.vary] if entry.vary else []) + list(hints)
+        if vary:
+            headers["Vary"] = ", ".join(vary)
+        if etag_matches(incoming.headers.get("If-None-Match"), entry.etag):
+            return Reply(304, b"", headers, outcome="not_modified", cache=state)
+        headers["Content-Type"] = entry.content_type
+        label = entry.content_type.removeprefix("image/")
+        return Reply(200, entry.body, headers, format_label=label, cache=state)
 
     # --- stages ---------------------------------------------------------------------------
 
-    async def _fetch(self, key: str, deadline: Deadline, request_id: str) -> Fetched:
+    async def _fetch(
+        self, origin: Origin, key: str, deadline: Deadline, request_id: str
+    ) -> Fetched:
         options = FetchOptions(
             max_bytes=self.settings.max_source_bytes,
             request_id=request_id,
@@ -197,7 +313,7 @@ class Service:
         with deadline.stage("fetch"):
             try:
                 async with asyncio.timeout(deadline.remaining()):
-                    return await self.origin.fetch(key, options)
+                    return await origin.fetch(key, options)
             except TimeoutError as exc:
                 raise FetchTimeout(
                     "the time budget ran out while fetching the original",
@@ -208,10 +324,19 @@ class Service:
         # Header parsing can touch the whole file (GIF frame counts): off the event loop.
         return await asyncio.to_thread(imaging.probe, data, self.limits)
 
-    async def _render(self, key: str, request: ImageRequest, incoming: Incoming) -> Rendered:
-        fetched = await self._fetch(key, incoming.deadline, incoming.request_id)
-        accepted = accepted_formats(incoming.headers.get("Accept"))
-        output, plan = await self._image(fetched.data, request.spec, accepted, incoming.deadline)
+    async def _render(
+        self,
+        origin: Origin,
+        key: str,
+        request: ImageRequest,
+        accepted: frozenset[OutputFormat],
+        deadline: Deadline,
+        request_id: str,
+        *,
+        kill: KillSwitch | None = None,
+    ) -> Rendered:
+        fetched = await self._fetch(origin, key, deadline, request_id)
+        output, plan = await self._image(fetched.data, request.spec, accepted, deadline, kill)
         return Rendered(
             body=output.body,
             format=output.format,
@@ -223,6 +348,7 @@ class Service:
             ),
             last_modified=fetched.last_modified,
             vary_accept=plan.vary_accept,
+            origin_etag=fetched.etag,
         )
 
     async def _image(
@@ -231,6 +357,7 @@ class Service:
         spec: TransformSpec,
         accepted: frozenset[OutputFormat],
         deadline: Deadline,
+        kill: KillSwitch | None = None,
     ) -> tuple[imaging.Output, imaging.Plan]:
         """Probe, plan, admit and transform ``data`` as ``spec`` asks."""
         info = await self._probe(data)
@@ -241,7 +368,7 @@ class Service:
             default_quality=self.settings.default_quality,
             limits=self.limits,
         )
-        return await self._transform(data, info, plan, spec, deadline), plan
+        return await self._transform(data, info, plan, spec, deadline, kill or KillSwitch()), plan
 
     async def _transform(
         self,
@@ -250,10 +377,10 @@ class Service:
         plan: imaging.Plan,
         spec: TransformSpec,
         deadline: Deadline,
+        kill: KillSwitch,
     ) -> imaging.Output:
         with deadline.stage("queue"):
             ticket = await self.admission.admit(plan.memory_estimate, deadline)
-        kill = KillSwitch()
         with deadline.stage("transform"):
             future = asyncio.get_running_loop().run_in_executor(
                 self.pool, imaging.transform, data, info, plan, spec, kill
@@ -279,7 +406,7 @@ class Service:
         name = self.settings.error_image
         if name and name != "generated":
             deadline = Deadline.after(self.settings.backend_timeout)
-            fetched = await self._fetch(name, deadline, "startup")
+            fetched = await self._fetch(self.origins.default, name, deadline, "startup")
             await self._probe(fetched.data)  # an unreadable error image is a start-up error too
             self._error_image_bytes = fetched.data
 
@@ -339,7 +466,8 @@ class Service:
         incoming: Incoming,
         deadline: Deadline,
     ) -> Reply:
-        fetched = await self._fetch(default_key, deadline, incoming.request_id)
+        origin = incoming.origin or self.origins.default
+        fetched = await self._fetch(origin, default_key, deadline, incoming.request_id)
         accepted = accepted_formats(incoming.headers.get("Accept"))
         output, _ = await self._image(fetched.data, spec, accepted, deadline)
         return self._stand_in_reply(error, output.body, output.format)
@@ -351,7 +479,7 @@ class Service:
         if self._error_image_bytes is not None:
             output, _ = await self._image(self._error_image_bytes, spec, accepted, deadline)
             return self._stand_in_reply(error, output.body, output.format)
-        fmt = spec.format or _negotiated(accepted, spec.auto_format) or OutputFormat.PNG
+        fmt = spec.format or _negotiated(accepted, auto=spec.auto_format) or OutputFormat.PNG
         width, height = self._error_image_size(spec)
         body = await asyncio.to_thread(
             imaging.render_error_image, error.title, error.reason, width, height, fmt, spec.quality
@@ -377,16 +505,6 @@ class Service:
         return Reply(200, body, headers, outcome=error.outcome, format_label=fmt.value, error=error)
 
     # --- replies --------------------------------------------------------------------------
-
-    def _image_reply(self, rendered: Rendered, incoming: Incoming, hints: Sequence[str]) -> Reply:
-        headers = self._success_headers(rendered.etag, rendered.last_modified)
-        vary = (["Accept"] if rendered.vary_accept else []) + list(hints)
-        if vary:
-            headers["Vary"] = ", ".join(vary)
-        if etag_matches(incoming.headers.get("If-None-Match"), rendered.etag):
-            return Reply(304, b"", headers, outcome="not_modified", cache="miss")
-        headers["Content-Type"] = rendered.format.content_type
-        return Reply(200, rendered.body, headers, format_label=rendered.format.value, cache="miss")
 
     def _props_reply(self, rendered: Rendered, request: ImageRequest) -> Reply:
         body = props_body(
@@ -414,8 +532,10 @@ class Service:
             headers["Last-Modified"] = last_modified
         return headers
 
-    async def _original(self, key: str, incoming: Incoming) -> Reply:
-        fetched = await self._fetch(key, incoming.deadline, incoming.request_id)
+    async def _original(self, origin: Origin, key: str, incoming: Incoming) -> Reply:
+        if not self.settings.allow_original_image_request:
+            raise OriginalRequestsDisabled("requests for the original image are disabled")
+        fetched = await self._fetch(origin, key, incoming.deadline, incoming.request_id)
         sniffed = imaging.sniff(fetched.data)
         if sniffed is None:
             raise UndecodableImage("the original is not an image edge can read")
@@ -433,16 +553,20 @@ class Service:
         label = sniffed if sniffed in ("jpeg", "png", "webp", "gif", "avif") else "other"
         return Reply(200, fetched.data, headers, format_label=label)
 
-    async def _exists(self, key: str, request: ImageRequest, incoming: Incoming) -> Reply:
+    async def _exists(
+        self, origin: Origin, key: str, request: ImageRequest, incoming: Incoming
+    ) -> Reply:
         try:
-            await self._fetch(key, incoming.deadline, incoming.request_id)
+            await self._fetch(origin, key, incoming.deadline, incoming.request_id)
             exists = 1
         except NotFound:
             exists = 0
         return self._body_reply(props_body({"catalogRecord.exists": exists}, request.req_format))
 
-    async def _image_props(self, key: str, request: ImageRequest, incoming: Incoming) -> Reply:
-        fetched = await self._fetch(key, incoming.deadline, incoming.request_id)
+    async def _image_props(
+        self, origin: Origin, key: str, request: ImageRequest, incoming: Incoming
+    ) -> Reply:
+        fetched = await self._fetch(origin, key, incoming.deadline, incoming.request_id)
         info = await self._probe(fetched.data)
         props: dict[str, PropValue] = {
             "image.width": info.upright_width,
@@ -456,7 +580,54 @@ class Service:
         return self._body_reply(props_body(props, request.req_format))
 
 
-def _negotiated(accepted: frozenset[OutputFormat], auto: bool) -> OutputFormat | None:
+@dataclass
+class Produced:
+    """A freshly made (or another process's) entry, stored at most once, after sending."""
+
+    entry: Entry
+    #: the shared work's stage timings, for each waiter's Server-Timing and histograms
+    spent: dict[str, float]
+    cache: ResultCache | None = None
+    key: str = ""
+    stored: bool = False
+
+    async def store(self) -> None:
+        if self.cache is not None and not self.stored:
+            self.stored = True
+            await self.cache.set(self.key, self.entry)
+
+
+def _entry_of(rendered: Rendered) -> Entry:
+    return Entry(
+        body=rendered.body,
+        content_type=rendered.format.content_type,
+        etag=rendered.etag,
+        last_modified=rendered.last_modified,
+        created=time.time(),
+        vary="Accept" if rendered.vary_accept else None,
+        origin_etag=rendered.origin_etag,
+    )
+
+
+def _output_token(spec: TransformSpec, accepted: frozenset[OutputFormat]) -> str:
+    """The part of the output format known before the source is: part of the cache key."""
+    if spec.format is not None:
+        return spec.format.value
+    if spec.auto_format:
+        return "auto:" + (_negotiated(accepted, auto=True) or "fallback")
+    return "source"
+
+
+def _timeout_in(stage: str | None) -> EdgeError:
+    """What a waiter whose own deadline passed answers, by the stage the work was in."""
+    if stage == "queue":
+        return QueueTimeout("the budget ended while waiting for a transform slot")
+    if stage == "transform":
+        return TransformTimeout("the time budget ran out while transforming")
+    return FetchTimeout("the time budget ran out while fetching the original")
+
+
+def _negotiated(accepted: frozenset[OutputFormat], *, auto: bool) -> OutputFormat | None:
     preferred = (OutputFormat.AVIF, OutputFormat.WEBP) if auto else ()
     return next((fmt for fmt in preferred if fmt in accepted), None)
 

@@ -50,12 +50,21 @@ class Flight(KillSwitch):
     sets ``stage`` as it goes (queue, fetch, transform) for waiters who time out.
     """
 
-    __slots__ = ("deadline", "stage")
+    __slots__ = ("_stage", "deadline")
 
     def __init__(self, deadline: Deadline) -> None:
         super().__init__()
         self.deadline = deadline
-        self.stage: str | None = None
+        self._stage: str | None = None
+
+    @property
+    def stage(self) -> str | None:
+        """The stage set explicitly, else the one the work's deadline is timing now."""
+        return self._stage or self.deadline.current
+
+    @stage.setter
+    def stage(self, value: str | None) -> None:
+        self._stage = value
 
     def extend_to(self, at: float) -> None:
         """Let the work run until ``at`` (monotonic seconds) if that is later."""
@@ -94,7 +103,8 @@ class SingleFlight:
         """``work``'s result for ``key``, started now or joined if already running.
 
         Waits until ``deadline`` at most (then raises ``FlightTimeout``); see the module
-        docstring for everything else it may raise.
+        docstring for everything else it may raise. A waiter that leaves early has the
+        work's stage copied to ``deadline.current``, so its 499 or 504 names that stage.
         """
         joined_before = False
         while True:
@@ -136,6 +146,8 @@ class SingleFlight:
                 raise FlightTimeout(shared.flight.stage)
             leaving_because = ""
         finally:
+            if leaving_because:
+                deadline.current = shared.flight.stage
             self._leave(key, shared, leaving_because)
         return self._answer(shared.task, leads=leads)
 

@@ -100,13 +100,15 @@ def create_app(
     *,
     registry: CollectorRegistry | None = None,
     origin: Origin | None = None,
+    cache_clock: Callable[[], float] | None = None,
 ) -> web.Application:
-    """Build the application; ``origin`` and ``registry`` default to the settings' own."""
+    """Build the application; ``origin`` and ``registry`` default to the settings' own,
+    ``cache_clock`` to wall-clock time (tests pass their own to age entries)."""
     app = web.Application(middlewares=[outcome_middleware], client_max_size=1024)
     app[SETTINGS] = settings
     app[METRICS] = Metrics(registry if registry is not None else _default_registry())
     app[STATE] = AppState()
-    app.cleanup_ctx.append(_service_context(origin))
+    app.cleanup_ctx.append(_service_context(origin, cache_clock or time.time))
     app.cleanup_ctx.append(_memory_watch)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
@@ -124,7 +126,7 @@ def _default_registry() -> CollectorRegistry:
 
 
 def _service_context(
-    given_origin: Origin | None,
+    given_origin: Origin | None, cache_clock: Callable[[], float]
 ) -> Callable[[web.Application], AsyncIterator[None]]:
     async def service_context(app: web.Application) -> AsyncIterator[None]:
         settings, metrics = app[SETTINGS], app[METRICS]
@@ -132,7 +134,7 @@ def _service_context(
         slots = settings.max_concurrency or system.available_cpus()
         queue = settings.queue_size if settings.queue_size is not None else 4 * slots
         origins = await Origins.from_settings(settings, metrics, default=given_origin)
-        cache = ResultCache.from_settings(settings, metrics)
+        cache = ResultCache.from_settings(settings, metrics, clock=cache_clock)
         pool = concurrent.futures.ThreadPoolExecutor(slots, thread_name_prefix="edge-vips")
         admission = Admission(
             slots=slots,

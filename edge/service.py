@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
-import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
@@ -222,10 +221,6 @@ class Service:
             # The origin or the machine is sick: yesterday's image beats an error.
             log.info("serving a stale entry after %s (%s)", failure.outcome, failure.reason)
             return self._entry_reply(lookup.entry, incoming, hints, "stale")
-        except (NotFound, Unauthorized, Forbidden):
-            if lookup is not None:
-                await self.cache.delete(cache_key)
-            raise
         incoming.deadline.spent.update(produced.spent)
         reply = self._entry_reply(produced.entry, incoming, hints, "miss")
         reply.after = produced.store
@@ -258,10 +253,13 @@ class Service:
                         incoming.request_id,
                         kill=flight,
                     )
-                except NotFound:
-                    await self._remember_missing(cache_key)
+                except (NotFound, Unauthorized, Forbidden) as refused:
+                    # The object is gone or ours no more: a stale copy must not outlive it.
+                    await self.cache.delete(cache_key)
+                    if isinstance(refused, NotFound):
+                        await self._remember_missing(cache_key)
                     raise
-                entry = _entry_of(rendered)
+                entry = _entry_of(rendered, created=self.cache.now())
                 produced = Produced(entry, dict(flight.deadline.spent), self.cache, cache_key)
                 if fill.acquired:
                     # Other processes wait on this lock for the entry: store it first.
@@ -281,7 +279,7 @@ class Service:
                 content_type="text/plain",
                 etag=None,
                 last_modified=None,
-                created=time.time(),
+                created=self.cache.now(),
                 status=404,
                 error="not_found",
             )
@@ -597,13 +595,13 @@ class Produced:
             await self.cache.set(self.key, self.entry)
 
 
-def _entry_of(rendered: Rendered) -> Entry:
+def _entry_of(rendered: Rendered, *, created: float) -> Entry:
     return Entry(
         body=rendered.body,
         content_type=rendered.format.content_type,
         etag=rendered.etag,
         last_modified=rendered.last_modified,
-        created=time.time(),
+        created=created,
         vary="Accept" if rendered.vary_accept else None,
         origin_etag=rendered.origin_etag,
     )

@@ -22,9 +22,14 @@ def settings_from(env: Mapping[str, str]) -> Settings:
 
 
 async def start_edge(
-    aiohttp_client: Any, env: Mapping[str, str], origin: Origin | None = None
+    aiohttp_client: Any,
+    env: Mapping[str, str],
+    origin: Origin | None = None,
+    cache_clock: Callable[[], float] | None = None,
 ) -> TestClient[Any, Any]:
-    app = create_app(settings_from(env), registry=CollectorRegistry(), origin=origin)
+    app = create_app(
+        settings_from(env), registry=CollectorRegistry(), origin=origin, cache_clock=cache_clock
+    )
     client: TestClient[Any, Any] = await aiohttp_client(
         app, server_kwargs={"handler_cancellation": True}
     )

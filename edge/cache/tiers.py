@@ -112,6 +112,10 @@ class ResultCache:
             for stage in ("cache_get", "cache_set")
         }
 
+    def now(self) -> float:
+        """The cache's clock: what ``Entry.created`` must be measured with."""
+        return self._clock()
+
     @classmethod
     def from_settings(
         cls,

@@ -61,6 +61,7 @@ SECURITY_HEADERS = {
     "Content-Security-Policy": "default-src 'none'; sandbox",
 }
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
+CLIENT_HINTS = "Sec-CH-DPR, Sec-CH-Width"
 TIMING_STAGES = ("cache_get", "fetch", "queue", "transform")
 RSS_INTERVAL = 1.0
 TRIM_EVERY = 30
@@ -444,6 +445,8 @@ async def image(request: web.Request) -> web.StreamResponse:
     headers.update(reply.headers)
     if reply.cache is not None:
         headers["X-Edge-Cache"] = reply.cache
+    # Browsers only honour Accept-CH on documents; sent here for CDNs and clients that read it.
+    headers["Accept-CH"] = CLIENT_HINTS
     return web.Response(status=reply.status, body=reply.body, headers=headers)
 
 

@@ -44,6 +44,8 @@ def configure(level: str, fmt: str) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    # pyvips relays libvips chatter (operation traces) at INFO: only its warnings matter.
+    logging.getLogger("pyvips").setLevel(max(logging.WARNING, root.level))
 
 
 def redact(path_qs: str) -> str:

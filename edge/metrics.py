@@ -115,6 +115,12 @@ class Metrics:
         self.build_info = Gauge(
             "edge_build_info", "Always 1; the version is a label.", ["version"], registry=registry
         )
+        self.origin_circuit_open = Gauge(
+            "edge_origin_circuit_open",
+            "1 while an origin's circuit breaker is open (EDGE_ORIGINS_FILE short names).",
+            ["origin"],
+            registry=registry,
+        )
         self.worker_rss = Gauge(
             "edge_worker_resident_memory_bytes",
             "Resident memory of each worker process.",

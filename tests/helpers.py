@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from contextlib import asynccontextmanager
 from typing import Any
 
 import pyvips
-from aiohttp.test_utils import TestClient
+from aiohttp.test_utils import TestClient, TestServer
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -34,6 +35,18 @@ async def start_edge(
         app, server_kwargs={"handler_cancellation": True}
     )
     return client
+
+
+@asynccontextmanager
+async def running_edge(
+    env: Mapping[str, str], origin: Origin | None = None
+) -> AsyncIterator[TestClient[Any, Any]]:
+    """edge on a loopback port for the duration of the block (for hypothesis examples,
+    where a function-scoped fixture would keep every example's server alive)."""
+    app = create_app(settings_from(env), registry=CollectorRegistry(), origin=origin)
+    server = TestServer(app, handler_cancellation=True)
+    async with TestClient(server) as client:
+        yield client
 
 
 async def metric(client: TestClient[Any, Any], name: str, **labels: str) -> float:

@@ -1,0 +1,113 @@
+"""Origins through HTTP: one image from a folder, an HTTP origin and an S3 bucket gives one
+output; bucket and dynamic-origin policy; nothing outside the folder is ever read."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import SHARED_IMAGES
+from tests.fake_origin import FakeOrigin
+from tests.helpers import decode, mean_difference, metric, start_edge
+from tests.test_origin_s3 import REGION, Moto
+from tests.test_origin_s3 import moto as _moto_fixture  # noqa: F401 (fixture)
+from tests.test_origin_s3 import reader as _reader_fixture  # noqa: F401 (fixture)
+
+PHOTO = "flowers-1920x1080.jpg"
+QUERY = "?w=240&h=240&fit=cover&fmt=png"
+
+
+@pytest.fixture
+async def origin() -> Any:
+    fake = await FakeOrigin().start()
+    yield fake
+    await fake.stop()
+
+
+def s3_env(moto_url: str, **more: str) -> dict[str, str]:
+    return {
+        "EDGE_ORIGIN": "s3://images/prod",
+        "EDGE_S3_ENDPOINT_URL": moto_url,
+        "EDGE_S3_REGION": REGION,
+        **more,
+    }
+
+
+async def test_folder_http_and_s3_give_the_same_image(
+    aiohttp_client: Any, origin: FakeOrigin, reader: Moto, tmp_path: Path
+) -> None:
+    (tmp_path / PHOTO).write_bytes((SHARED_IMAGES / PHOTO).read_bytes())
+    folder = await start_edge(aiohttp_client, {"EDGE_ORIGIN": tmp_path.as_uri()})
+    http = await start_edge(aiohttp_client, {"EDGE_ORIGIN": origin.url + "ok/"})
+    s3 = await start_edge(aiohttp_client, s3_env(reader.url))
+    images = []
+    for client in (folder, http, s3):
+        response = await client.get(f"/{PHOTO}{QUERY}")
+        assert response.status == 200, await response.text()
+        images.append(decode(await response.read()))
+    assert {(i.width, i.height) for i in images} == {(240, 240)}
+    assert mean_difference(images[0], images[1]) < 0.5
+    assert mean_difference(images[0], images[2]) < 0.5
+    assert await metric(s3, "edge_origin_requests_total", kind="s3", code="200") == 1
+
+
+@pytest.mark.parametrize(
+    ("env", "path", "status"),
+    [
+        ({}, f"/missing.jpg{QUERY}", 404),
+        ({}, f"/{PHOTO}{QUERY}&bucket=other", 401),
+        ({"EDGE_BUCKETS_ALLOWED": "other"}, f"/{PHOTO}{QUERY}&bucket=other", 200),
+        ({"EDGE_BUCKETS_ALLOWED": "private"}, f"/{PHOTO}{QUERY}&bucket=private", 403),
+        ({}, f"/{PHOTO}{QUERY}&origin=example.com", 401),
+    ],
+)
+async def test_s3_statuses_through_http(
+    aiohttp_client: Any, reader: Moto, env: dict[str, str], path: str, status: int
+) -> None:
+    client = await start_edge(aiohttp_client, s3_env(reader.url, **env))
+    response = await client.get(path)
+    assert response.status == status, await response.text()
+
+
+async def test_dynamic_origin_needs_the_switch_and_an_allowed_host(
+    aiohttp_client: Any, origin: FakeOrigin
+) -> None:
+    target = f"/ok/{PHOTO}?w=50&origin=http://127.0.0.1:{origin.port}"
+    off = await start_edge(aiohttp_client, {"EDGE_HOSTS_ALLOWED": "127.0.0.1"})
+    assert (await off.get(target)).status == 401
+    on = {"EDGE_ALLOW_DYNAMIC_ORIGIN": "true"}
+    other_host = await start_edge(aiohttp_client, {**on, "EDGE_HOSTS_ALLOWED": "*.example.com"})
+    assert (await other_host.get(target)).status == 401
+    # allowed host, but loopback is refused by the address guard unless private is allowed
+    guarded = await start_edge(aiohttp_client, {**on, "EDGE_HOSTS_ALLOWED": "127.0.0.1"})
+    refused = await guarded.get(target)
+    assert refused.status == 401
+    assert origin.events["request:ok"] == 0
+    trusting = await start_edge(
+        aiohttp_client,
+        {**on, "EDGE_HOSTS_ALLOWED": "127.0.0.1", "EDGE_ALLOW_PRIVATE_ADDRESSES": "true"},
+    )
+    assert (await trusting.get(target)).status == 200
+    assert origin.events["request:ok"] == 1
+
+
+async def test_symlinks_out_of_the_folder_are_not_followed(
+    aiohttp_client: Any, tmp_path: Path
+) -> None:
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    root.mkdir()
+    outside.mkdir()
+    (outside / "secret.jpg").write_bytes((SHARED_IMAGES / PHOTO).read_bytes())
+    (root / "inside.jpg").write_bytes((SHARED_IMAGES / PHOTO).read_bytes())
+    os.symlink(outside / "secret.jpg", root / "link.jpg")
+    os.symlink(outside, root / "dir")
+    os.symlink(root / "inside.jpg", root / "alias.jpg")  # a link that stays inside is fine
+    client = await start_edge(aiohttp_client, {"EDGE_ORIGIN": root.as_uri()})
+    assert (await client.get("/link.jpg?w=10")).status == 404
+    assert (await client.get("/dir/secret.jpg?w=10")).status == 404
+    assert (await client.get("/link.jpg")).status == 404
+    assert (await client.get("/alias.jpg?w=10")).status == 200
+    assert (await client.get("/inside.jpg?w=10")).status == 200

@@ -136,8 +136,8 @@ def _enable_authentication(url: str) -> None:
         assert response.status == 200
 
 
-@pytest.fixture(scope="module")
-def moto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Moto]:
+@pytest.fixture(scope="module", name="moto")
+def moto_fixture(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Moto]:
     _require_moto()
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
@@ -181,8 +181,8 @@ def metrics() -> Metrics:
     return Metrics(CollectorRegistry())
 
 
-@pytest.fixture
-def reader(moto: Moto, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Moto:
+@pytest.fixture(name="reader")
+def reader_fixture(moto: Moto, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Moto:
     _use_credentials(monkeypatch, tmp_path, moto.access_key, moto.secret_key)
     return moto
 

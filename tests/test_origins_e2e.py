@@ -12,9 +12,7 @@ import pytest
 from tests.conftest import SHARED_IMAGES
 from tests.fake_origin import FakeOrigin
 from tests.helpers import decode, mean_difference, metric, start_edge
-from tests.test_origin_s3 import REGION, Moto
-from tests.test_origin_s3 import moto as _moto_fixture  # noqa: F401 (fixture)
-from tests.test_origin_s3 import reader as _reader_fixture  # noqa: F401 (fixture)
+from tests.test_origin_s3 import REGION, Moto, moto_fixture, reader_fixture  # noqa: F401
 
 PHOTO = "flowers-1920x1080.jpg"
 QUERY = "?w=240&h=240&fit=cover&fmt=png"

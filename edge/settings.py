@@ -418,6 +418,13 @@ VARS: tuple[EnvVar, ...] = (
         "origin key of the image substituted for missing ones",
         shown_default="(off)",
     ),
+    EnvVar(
+        "EDGE_ADMIN_TOKEN",
+        "",
+        optional(str),
+        "bearer token for the `/_edge/...` operator endpoints (unset: they are off)",
+        shown_default="(none: operator endpoints off)",
+    ),
     EnvVar("EDGE_LOG_LEVEL", "info", choice("debug", "info", "warning", "error"), "log level"),
     EnvVar("EDGE_LOG_FORMAT", "json", choice("json", "text"), "log line format"),
     EnvVar(
@@ -472,6 +479,7 @@ class Settings:
     cors_origins: tuple[str, ...] = ()
     error_detail: int = 1
     error_image: str | None = None
+    admin_token: str | None = None
     default_image: str | None = None
     log_level: str = "info"
     log_format: str = "json"

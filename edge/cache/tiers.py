@@ -274,6 +274,8 @@ class ResultCache:
         ttl = tier.ttl_for(life, self._clock())
         try:
             stored = await self._bounded(tier, lambda: tier.backend.set(key, raw, ttl=ttl))
+            if stored and tier.name == "memcached":
+                await self._bounded(tier, lambda: _index_variant(tier, key, ttl))
         except TierFailed:
             self._count(tier, "error")
             return "error"
@@ -300,8 +302,8 @@ class ResultCache:
         """Drop every key starting with ``prefix`` (see ``object_prefix``) from the memory
         and Redis tiers; the number of entries dropped.
 
-        memcached cannot list its keys, so entries there live out their ttl (or go when
-        EDGE_CACHE_NAMESPACE changes). Redis is scanned, which takes time on a large
+        memcached cannot list its keys: each write there also appends the key to a
+        per-object index entry, and a purge deletes what the index names. Redis is scanned, which takes time on a large
         keyspace, hence its own longer bound; a failure there is logged and skipped.
         """
         total = 0
@@ -310,7 +312,24 @@ class ResultCache:
                 total += tier.backend.delete_prefix(prefix)
             elif tier.name == "redis":
                 total += await self._purge_redis(tier, prefix)
+            elif tier.name == "memcached":
+                total += await self._purge_memcached(tier, prefix)
         return total
+
+    async def _purge_memcached(self, tier: Tier, prefix: str) -> int:
+        """memcached cannot list keys: drop the variants its per-object index names."""
+        client = tier.backend.client
+        index = _variant_index(prefix).encode()
+        try:
+            async with asyncio.timeout(PURGE_SECONDS):
+                listed = await client.get(index) or b""
+                keys = {line for line in listed.split(b"\n") if line.startswith(prefix.encode())}
+                deleted = [await client.delete(key) for key in keys]
+                await client.delete(index)
+        except Exception as exc:  # fail open: a purge that cannot reach memcached is partial
+            log.warning("purge of %s in memcached failed: %r", prefix, exc)
+            return 0
+        return sum(1 for done in deleted if done)
 
     async def _purge_redis(self, tier: Tier, prefix: str) -> int:
         client = tier.backend.client
@@ -469,3 +488,24 @@ class ResultCache:
         self._timers[stage].observe(seconds)
         if deadline is not None:
             deadline.record(stage, seconds)
+
+
+def _variant_index(prefix: str) -> str:
+    """The memcached key listing an object's cached variants (one key per line)."""
+    return prefix + "variants"
+
+
+async def _index_variant(tier: Tier, key: str, ttl: float | int) -> None:
+    """Record ``key`` in its object's variant index so a purge can find it.
+
+    ``append`` fails when the index does not exist yet; ``add`` then creates it (a race
+    with another writer's ``add`` loses one name, which only makes that variant live out
+    its ttl). The index lives as long as the newest variant could.
+    """
+    client = tier.backend.client
+    prefix = key[: key.rindex(":") + 1]
+    index, line = _variant_index(prefix).encode(), key.encode() + b"\n"
+    if await client.append(index, line):
+        await client.touch(index, int(ttl))  # the index outlives its newest variant
+    else:
+        await client.add(index, line, exptime=int(ttl))

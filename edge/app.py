@@ -14,14 +14,18 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import hmac
+import json
 import logging
 import re
 import signal
+import threading
 import time
 import traceback
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
+from urllib.parse import quote
 
 from aiohttp import web
 from prometheus_client import (
@@ -37,11 +41,11 @@ from edge import imaging, system
 from edge.admission import Admission
 from edge.budget import Deadline
 from edge.cache import ResultCache
-from edge.errors import EdgeError, Overloaded
+from edge.errors import EdgeError, InvalidParameter, NotFound, Overloaded, Unauthorized
 from edge.logs import ACCESS, access_line, redact
 from edge.metrics import DISCONNECT_STAGES, Metrics
 from edge.origins import Origin, Origins
-from edge.params import ReqFormat
+from edge.params import ReqFormat, parse_key
 from edge.responses import error_body
 from edge.service import Incoming, Reply, Service
 from edge.settings import Settings
@@ -468,5 +472,48 @@ async def metrics_endpoint(request: web.Request) -> web.Response:
 
 
 async def operator_endpoint(request: web.Request) -> web.Response:
-    """``/_edge/...``: operator endpoints are off until an admin token is configured."""
-    raise web.HTTPNotFound(text="operator endpoints are not enabled\n")
+    """``/_edge/...``: off (404) until EDGE_ADMIN_TOKEN is set; then Bearer-only (401)."""
+    token = request.app[SETTINGS].admin_token
+    if not token:
+        raise NotFound("operator endpoints are not enabled (EDGE_ADMIN_TOKEN)")
+    given = request.headers.get("Authorization", "").encode()
+    if not hmac.compare_digest(given, f"Bearer {token}".encode()):
+        raise Unauthorized("operator endpoints need Authorization: Bearer <EDGE_ADMIN_TOKEN>")
+    action = (request.method, request.match_info["tail"])
+    if action == ("POST", "purge"):
+        return await _purge(request)
+    if action == ("GET", "stats"):
+        return _json_response(request, _process_stats(request.app))
+    raise NotFound(f"no operator endpoint {request.method} /_edge/{request.match_info['tail']}")
+
+
+async def _purge(request: web.Request) -> web.Response:
+    raw = request.query.get("key")
+    if not raw:
+        raise InvalidParameter("key", "the object key to purge is required")
+    key = parse_key("/" + quote(raw, safe="/"))
+    purged = await request.app[SERVICE].purge(key)
+    log.info("purged %d cached variants of %r", purged, key)
+    return _json_response(request, {"key": key, "purged": purged})
+
+
+def _process_stats(app: web.Application) -> dict[str, int]:
+    """What a soak run watches for leaks: tasks, threads, descriptors, memory, work."""
+    admission = app[SERVICE].admission
+    return {
+        "asyncio_tasks": len(asyncio.all_tasks()),
+        "threads": threading.active_count(),
+        "open_fds": system.open_descriptors(),
+        "rss_bytes": system.resident_bytes(),
+        "transforms_in_progress": admission.in_use,
+        "queue_depth": admission.waiting,
+        "memory_reserved_bytes": admission.reserved,
+        "background_tasks": len(app[STATE].background),
+    }
+
+
+def _json_response(request: web.Request, payload: Mapping[str, object]) -> web.Response:
+    headers = _common_headers(request)
+    headers["Cache-Control"] = "no-store"
+    headers["Content-Type"] = "application/json"
+    return web.Response(body=json.dumps(payload).encode(), headers=headers)

@@ -119,3 +119,9 @@ def etag_matches(if_none_match: str | None, etag: str | None) -> bool:
     return any(
         candidate.strip().removeprefix("W/") == wanted for candidate in if_none_match.split(",")
     )
+
+
+def surrogate_tag(origin_identity: str, key: str) -> str:
+    """Surrogate-Key / Cache-Tag of every variant of one object, for CDN purges."""
+    token = f"{origin_identity}\0{key}".encode("utf-8", "surrogatepass")
+    return "e" + hashlib.blake2b(token, digest_size=8).hexdigest()

@@ -48,7 +48,14 @@ from edge.params import (
     parse_key,
     parse_query,
 )
-from edge.responses import Body, PropValue, derived_etag, etag_matches, props_body
+from edge.responses import (
+    Body,
+    PropValue,
+    derived_etag,
+    etag_matches,
+    props_body,
+    surrogate_tag,
+)
 from edge.settings import Settings
 from edge.signing import verify
 
@@ -156,7 +163,7 @@ class Service:
     async def handle(self, incoming: Incoming) -> Reply:
         """The reply for one request; failures raise, unless an image stands in for them."""
         try:
-            return await self._handle(incoming)
+            reply = await self._handle(incoming)
         except (ClientClosed, Overloaded):
             raise  # never substituted: the client is gone, or it should retry
         except EdgeError as error:
@@ -164,6 +171,16 @@ class Service:
             if stand_in is None:
                 raise
             return stand_in
+        if incoming.origin is not None and incoming.key is not None:
+            # A CDN in front can drop every variant of this object with one tag purge.
+            tag = surrogate_tag(incoming.origin.identity, incoming.key)
+            reply.headers["Surrogate-Key"] = reply.headers["Cache-Tag"] = tag
+        return reply
+
+    async def purge(self, key: str) -> int:
+        """Drop every cached variant of ``key`` (default origin) from every tier here."""
+        origin = self.origins.default
+        return await self.cache.purge(self.cache.object_prefix(origin.identity, key))
 
     async def _handle(self, incoming: Incoming) -> Reply:
         if self.settings.signing_keys:

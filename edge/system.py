@@ -67,6 +67,14 @@ def resident_bytes(pid: int | None = None) -> int:
     return int(text.split()[1]) * _PAGE
 
 
+def open_descriptors() -> int:
+    """File descriptors this process holds (0 where /proc is not available)."""
+    try:
+        return len(os.listdir("/proc/self/fd"))
+    except OSError:
+        return 0
+
+
 def _read(path: Path) -> str | None:
     try:
         return path.read_text().strip()

@@ -66,7 +66,7 @@ SECURITY_HEADERS = {
 }
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 CLIENT_HINTS = "Sec-CH-DPR, Sec-CH-Width"
-TIMING_STAGES = ("cache_get", "fetch", "queue", "transform")
+TIMING_STAGES = ("cache_get", "revalidate", "fetch", "queue", "transform")
 RSS_INTERVAL = 1.0
 TRIM_EVERY = 30
 

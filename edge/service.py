@@ -231,6 +231,12 @@ class Service:
                 raise NotFound("no such image", detail=f"key {key!r} (remembered as missing)")
             return self._entry_reply(lookup.entry, incoming, hints, "hit")
         try:
+            if lookup is not None and lookup.entry.status == 200:
+                renewed = await self._revalidate(origin, key, cache_key, lookup.entry, incoming)
+                if renewed is not None:
+                    reply = self._entry_reply(renewed, incoming, hints, "hit")
+                    reply.after = Produced(renewed, {}, self.cache, cache_key).store
+                    return reply
             produced = await self._produce(cache_key, origin, key, request, accepted, incoming)
         except (BadGateway, Timeout, Overloaded) as failure:
             if lookup is None or lookup.entry.status != 200:
@@ -242,6 +248,35 @@ class Service:
         reply = self._entry_reply(produced.entry, incoming, hints, "miss")
         reply.after = produced.store
         return reply
+
+    async def _revalidate(
+        self, origin: Origin, key: str, cache_key: str, entry: Entry, incoming: Incoming
+    ) -> Entry | None:
+        """Ask the origin whether a stale entry's original changed (DESIGN.md section 8).
+
+        Unchanged: the entry, renewed from now, with no transform. Changed (or nothing
+        to compare with): None, and the caller renders afresh. Gone or refused: evicted.
+        """
+        if not (entry.origin_etag or entry.last_modified):
+            return None
+        try:
+            fetched = await self._fetch(
+                origin,
+                key,
+                incoming.deadline,
+                incoming.request_id,
+                stage="revalidate",
+                if_none_match=entry.origin_etag,
+                if_modified_since=None if entry.origin_etag else entry.last_modified,
+            )
+        except (NotFound, Unauthorized, Forbidden) as refused:
+            await self.cache.delete(cache_key)
+            if isinstance(refused, NotFound):
+                await self._remember_missing(cache_key)
+            raise
+        if not fetched.not_modified:
+            return None
+        return replace(entry, created=self.cache.now())
 
     async def _produce(
         self,
@@ -318,14 +353,24 @@ class Service:
     # --- stages ---------------------------------------------------------------------------
 
     async def _fetch(
-        self, origin: Origin, key: str, deadline: Deadline, request_id: str
+        self,
+        origin: Origin,
+        key: str,
+        deadline: Deadline,
+        request_id: str,
+        *,
+        stage: str = "fetch",
+        if_none_match: str | None = None,
+        if_modified_since: str | None = None,
     ) -> Fetched:
         options = FetchOptions(
             max_bytes=self.settings.max_source_bytes,
             request_id=request_id,
             connect_timeout=min(self.settings.backend_connect_timeout, deadline.remaining()),
+            if_none_match=if_none_match,
+            if_modified_since=if_modified_since,
         )
-        with deadline.stage("fetch"):
+        with deadline.stage(stage):
             try:
                 async with asyncio.timeout(deadline.remaining()):
                     return await origin.fetch(key, options)

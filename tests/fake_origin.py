@@ -103,7 +103,11 @@ class FakeOrigin:
         if body is None:
             return web.Response(status=404, text="no such object")
         if behaviour == "ok":
-            return web.Response(body=body, headers=_validators(body))
+            validators = _validators(body)
+            if request.headers.get("If-None-Match") == validators["ETag"]:
+                self.events["not_modified"] += 1
+                return web.Response(status=304, headers={"ETag": validators["ETag"]})
+            return web.Response(body=body, headers=validators)
         return await self._stream(behaviour, body, request)
 
     async def _stream(

@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 
+from tests.conftest import SHARED_IMAGES
 from tests.fake_origin import FakeOrigin
 from tests.helpers import decode, loader_format, metric, start_edge
 from tests.services import (  # noqa: F401
@@ -236,3 +237,50 @@ async def test_cache_none_always_misses(aiohttp_client: Any, origin: FakeOrigin)
         response = await client.get("/ok/flowers-1920x1080.jpg?w=30")
         assert response.headers["X-Edge-Cache"] == "miss"
     assert origin.events["request:ok"] == 2
+
+
+async def test_an_expired_entry_is_revalidated_without_a_transform(
+    aiohttp_client: Any, origin: FakeOrigin
+) -> None:
+    clock = Clock()
+    client = await edge(aiohttp_client, origin, clock, EDGE_CACHE_TTL="60")
+    origin.put("r.jpg", (origin.root / "flowers-1920x1080.jpg").read_bytes())
+    first = await client.get("/ok/r.jpg?w=64")
+    await drain(client)
+    clock.now += 61
+    renewed = await client.get("/ok/r.jpg?w=64")
+    assert renewed.status == 200
+    assert renewed.headers["X-Edge-Cache"] == "hit"
+    assert await renewed.read() == await first.read()
+    timing = renewed.headers["Server-Timing"]
+    assert "revalidate;dur=" in timing
+    assert "transform" not in timing
+    assert origin.events["not_modified"] == 1
+    assert await metric(client, "edge_origin_requests_total", kind="http", code="304") == 1
+    await drain(client)
+    # renewed from now: fresh again without asking the origin
+    clock.now += 30
+    assert (await client.get("/ok/r.jpg?w=64")).headers["X-Edge-Cache"] == "hit"
+    assert origin.events["not_modified"] == 1
+    # a changed original is rendered afresh
+    clock.now += 61
+    origin.put("r.jpg", (origin.root / "photo-2725x2225.jpg").read_bytes())
+    changed = await client.get("/ok/r.jpg?w=64")
+    assert changed.headers["X-Edge-Cache"] == "miss"
+    assert await changed.read() != await first.read()
+
+
+async def test_file_origin_revalidates_too(aiohttp_client: Any, tmp_path: Any) -> None:
+    clock = Clock()
+    (tmp_path / "f.jpg").write_bytes((SHARED_IMAGES / "flowers-1920x1080.jpg").read_bytes())
+    client = await start_edge(
+        aiohttp_client,
+        {"EDGE_ORIGIN": tmp_path.as_uri(), "EDGE_CACHE_TTL": "60"},
+        cache_clock=clock,
+    )
+    assert (await client.get("/f.jpg?w=32")).status == 200
+    await drain(client)
+    clock.now += 61
+    renewed = await client.get("/f.jpg?w=32")
+    assert renewed.headers["X-Edge-Cache"] == "hit"
+    assert await metric(client, "edge_origin_requests_total", kind="file", code="304") == 1

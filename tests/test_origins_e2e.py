@@ -3,12 +3,14 @@ output; bucket and dynamic-origin policy; nothing outside the folder is ever rea
 
 from __future__ import annotations
 
+import asyncio
 import os
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from edge.app import STATE
 from tests.conftest import SHARED_IMAGES
 from tests.fake_origin import FakeOrigin
 from tests.helpers import decode, mean_difference, metric, start_edge
@@ -109,3 +111,21 @@ async def test_symlinks_out_of_the_folder_are_not_followed(
     assert (await client.get("/link.jpg")).status == 404
     assert (await client.get("/alias.jpg?w=10")).status == 200
     assert (await client.get("/inside.jpg?w=10")).status == 200
+
+
+async def test_s3_entries_are_revalidated_with_if_none_match(
+    aiohttp_client: Any, reader: Moto
+) -> None:
+    now = [1_800_000_000.0]
+    client = await start_edge(
+        aiohttp_client, s3_env(reader.url, EDGE_CACHE_TTL="60"), cache_clock=lambda: now[0]
+    )
+    assert (await client.get(f"/{PHOTO}?w=20")).status == 200
+    background = client.server.app[STATE].background
+    if background:
+        await asyncio.wait(background, timeout=5)
+    now[0] += 61
+    renewed = await client.get(f"/{PHOTO}?w=20")
+    assert renewed.status == 200
+    assert renewed.headers["X-Edge-Cache"] == "hit"
+    assert await metric(client, "edge_origin_requests_total", kind="s3", code="304") == 1

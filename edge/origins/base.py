@@ -23,6 +23,8 @@ class Fetched:
     etag: str | None = None
     last_modified: str | None = None
     content_type: str | None = None
+    #: the origin answered a conditional fetch with "not modified" (``data`` is empty)
+    not_modified: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,6 +37,9 @@ class FetchOptions:
     connect_timeout: float = 3.0
     #: extra headers for the origin request (trace context); never Cookie or Authorization
     headers: dict[str, str] = field(default_factory=dict)
+    #: revalidation of a cached result: the origin validators it was made from
+    if_none_match: str | None = None
+    if_modified_since: str | None = None
 
 
 class Origin(Protocol):

@@ -39,22 +39,30 @@ class FileOrigin:
 
     async def fetch(self, key: str, options: FetchOptions) -> Fetched:
         try:
-            fetched = await asyncio.to_thread(self._read, key, options.max_bytes)
+            fetched = await asyncio.to_thread(self._read, key, options)
         except NotFound:
             self._metrics.origin_requests.labels(kind=self.kind, code="404").inc()
             raise
-        self._metrics.origin_requests.labels(kind=self.kind, code="200").inc()
+        code = "304" if fetched.not_modified else "200"
+        self._metrics.origin_requests.labels(kind=self.kind, code=code).inc()
         self._metrics.origin_bytes.labels(kind=self.kind).inc(len(fetched.data))
         return fetched
 
     async def close(self) -> None:
         return None
 
-    def _read(self, key: str, max_bytes: int) -> Fetched:
-        path = self._inside_root(key)
+    def _read(self, key: str, options: FetchOptions) -> Fetched:
+        path, max_bytes = self._inside_root(key), options.max_bytes
         try:
             with path.open("rb") as handle:
                 stat = os.fstat(handle.fileno())
+                if options.if_none_match is not None and options.if_none_match == _etag(stat):
+                    return Fetched(
+                        data=b"",
+                        etag=_etag(stat),
+                        last_modified=email.utils.formatdate(stat.st_mtime, usegmt=True),
+                        not_modified=True,
+                    )
                 if stat.st_size > max_bytes:
                     raise too_large(max_bytes)
                 data = handle.read(max_bytes + 1)

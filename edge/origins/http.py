@@ -72,12 +72,23 @@ class HttpOrigin:
     async def fetch(self, key: str, options: FetchOptions) -> Fetched:
         url = self._base + quote(key, safe="/!$&'()*+,;=:@~")
         headers = {"X-Request-Id": options.request_id, **options.headers}
+        if options.if_none_match:
+            headers["If-None-Match"] = options.if_none_match
+        if options.if_modified_since:
+            headers["If-Modified-Since"] = options.if_modified_since
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=options.connect_timeout)
         try:
             async with self._session.get(
                 url, headers=headers, timeout=timeout, max_redirects=MAX_REDIRECTS
             ) as response:
                 self._count(str(response.status))
+                if response.status == 304 and (options.if_none_match or options.if_modified_since):
+                    return Fetched(
+                        data=b"",
+                        etag=response.headers.get("ETag") or options.if_none_match,
+                        last_modified=response.headers.get("Last-Modified"),
+                        not_modified=True,
+                    )
                 _raise_for_status(response.status, response.headers, key)
                 data = await self._read_body(response, options.max_bytes)
                 return Fetched(

@@ -170,7 +170,9 @@ class S3Origin:
     async def fetch(self, key: str, options: FetchOptions) -> Fetched:
         # options.connect_timeout cannot be set per request on a botocore client: the
         # client's own connect timeout applies, and the caller's deadline bounds the rest.
-        response = await self._get_object(key)
+        response = await self._get_object(key, options)
+        if response.get("NotModified"):
+            return Fetched(data=b"", etag=options.if_none_match, not_modified=True)
         async with response["Body"] as body:
             declared = response.get("ContentLength")
             if isinstance(declared, int) and declared > options.max_bytes:
@@ -183,15 +185,24 @@ class S3Origin:
             content_type=_text(response.get("ContentType")),
         )
 
-    async def _get_object(self, key: str) -> dict[str, Any]:
-        """GetObject's response (headers parsed, body not read); counts the request."""
+    async def _get_object(self, key: str, options: FetchOptions) -> dict[str, Any]:
+        """GetObject's response (headers parsed, body not read); counts the request.
+
+        A conditional request the object still satisfies comes back as
+        ``{"NotModified": True}`` (botocore raises a 304 as an error).
+        """
+        conditions: dict[str, Any] = {}
+        if options.if_none_match:
+            conditions["IfNoneMatch"] = options.if_none_match
         try:
             response = await self._client.get_object(
-                Bucket=self._location.bucket, Key=self._location.object_key(key)
+                Bucket=self._location.bucket, Key=self._location.object_key(key), **conditions
             )
         except ClientError as exc:
             code, status, retry_after = _error_fields(exc)
             self._count(str(status) if status else "error")
+            if status == 304 and conditions:
+                return {"NotModified": True}
             raise s3_error(code, status, key=key, retry_after=retry_after) from exc
         except _TRANSPORT_ERRORS as exc:
             self._count("timeout" if _is_timeout(exc) else "error")

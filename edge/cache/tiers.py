@@ -303,8 +303,9 @@ class ResultCache:
         and Redis tiers; the number of entries dropped.
 
         memcached cannot list its keys: each write there also appends the key to a
-        per-object index entry, and a purge deletes what the index names. Redis is scanned, which takes time on a large
-        keyspace, hence its own longer bound; a failure there is logged and skipped.
+        per-object index entry, and a purge deletes what the index names. Redis is
+        scanned, which takes time on a large keyspace, hence its own longer bound; a
+        failure there is logged and skipped.
         """
         total = 0
         for tier in self._tiers:

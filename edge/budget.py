@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
+from typing import Any
 
 
 class KillSwitch:
@@ -45,11 +46,17 @@ class Deadline:
     spent: dict[str, float] = field(default_factory=dict)
     #: the stage running now (None between stages): where a disconnect or timeout happened
     current: str | None = None
+    #: wraps each stage (tracing spans); None: nothing but timing
+    observer: Callable[[str], AbstractContextManager[Any]] | None = None
 
     @classmethod
     def after(cls, seconds: float) -> Deadline:
         now = time.monotonic()
         return cls(at=now + max(seconds, 0.0), started=now)
+
+    def sharing(self) -> Deadline:
+        """A deadline for work shared with other requests: same end, own stage record."""
+        return Deadline(at=self.at, started=self.started, observer=self.observer)
 
     def shorten_to(self, seconds: float) -> None:
         """Move the deadline earlier (never later) to ``seconds`` after the start."""
@@ -71,7 +78,8 @@ class Deadline:
         begun, outer = time.monotonic(), self.current
         self.current = name
         try:
-            yield
+            with self.observer(name) if self.observer else nullcontext():
+                yield
         finally:
             self.record(name, time.monotonic() - begun)
         # Only a stage that completed hands ``current`` back: after a failure or a

@@ -58,6 +58,7 @@ from edge.responses import (
 )
 from edge.settings import Settings
 from edge.signing import verify
+from edge.tracing import Tracing
 
 log = logging.getLogger("edge")
 
@@ -141,8 +142,10 @@ class Service:
         admission: Admission,
         pool: concurrent.futures.Executor,
         metrics: Metrics,
+        tracing: Tracing | None = None,
     ) -> None:
         self.settings = settings
+        self.tracing = tracing
         self.origins = origins
         self.cache = cache
         self.flights = SingleFlight(metrics)
@@ -371,6 +374,8 @@ class Service:
             if_modified_since=if_modified_since,
         )
         with deadline.stage(stage):
+            if self.tracing is not None:
+                self.tracing.inject(options.headers)  # the origin joins the caller's trace
             try:
                 async with asyncio.timeout(deadline.remaining()):
                     return await origin.fetch(key, options)

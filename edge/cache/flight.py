@@ -125,7 +125,7 @@ class SingleFlight:
     def _start(
         self, key: str, deadline: Deadline, work: Callable[[Flight], Awaitable[T]]
     ) -> _Shared:
-        flight = Flight(Deadline(at=deadline.at, started=deadline.started))
+        flight = Flight(deadline.sharing())
 
         async def call() -> T:
             return await work(flight)

@@ -1,7 +1,8 @@
 """Command line: ``edge`` serves; ``edge sign URL`` signs; ``edge settings-table`` documents.
 
 Settings are parsed once from the environment; every bad variable is reported together
-and the process exits with status 2, without a traceback.
+and the process exits with status 2, without a traceback. With EDGE_WORKERS > 1 ``edge``
+supervises that many ``edge worker`` processes (see ``edge.workers``).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pathlib import Path
 from edge import logs
 from edge.settings import Settings, SettingsError, load_settings, reference_table
 from edge.signing import signed_url
+from edge.workers import MULTIPROC_ENV, WorkerRole, die_with_supervisor, supervise
 
 TABLE_BEGIN = "<!-- settings-table:begin -->"
 TABLE_END = "<!-- settings-table:end -->"
@@ -30,6 +32,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     table.add_argument("--write", metavar="README", help="replace the table inside this file")
     sign = commands.add_parser("sign", help="print URL signed with the first EDGE_SIGNING_KEYS key")
     sign.add_argument("url", help="an absolute URL or a path, already percent-encoded")
+    worker = commands.add_parser(
+        "worker", help="one worker process (started by `edge serve` when EDGE_WORKERS > 1)"
+    )
+    worker.add_argument("--index", type=int, required=True, help="0 .. EDGE_WORKERS-1")
+    worker.add_argument("--ready-fd", type=int, help="written to once listening")
+    worker.add_argument("--supervisor", type=int, required=True, help="the supervisor's pid")
     args = parser.parse_args(argv)
     if args.command == "settings-table":
         return _settings_table(args.write)
@@ -40,8 +48,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if args.command == "sign":
         return _sign(args.url, settings)
-    serve(settings)
-    return 0
+    if settings.metrics_port is not None and settings.metrics_port == settings.port:
+        print("edge: EDGE_METRICS_PORT must differ from EDGE_PORT", file=sys.stderr)
+        return 2
+    if args.command == "worker":
+        return _worker(settings, args.index, args.ready_fd, args.supervisor)
+    return serve(settings)
 
 
 def _sign(url: str, settings: Settings) -> int:
@@ -56,13 +68,35 @@ def _sign(url: str, settings: Settings) -> int:
     return 0
 
 
-def serve(settings: Settings) -> None:
-    """Run the service in this process until SIGINT/SIGTERM, then drain and exit 0."""
+def serve(settings: Settings) -> int:
+    """Run the service until SIGINT/SIGTERM, then drain; the exit status.
+
+    EDGE_WORKERS=1: in this process. More: this process supervises that many workers."""
+    logs.configure(settings.log_level, settings.log_format)
+    if settings.workers > 1:
+        return supervise(settings, os.environ)
+    from edge.app import run_server
+
+    _install_uvloop()
+    asyncio.run(run_server(settings))
+    return 0
+
+
+def _worker(settings: Settings, index: int, ready_fd: int | None, supervisor: int) -> int:
+    metrics_dir = os.environ.get(MULTIPROC_ENV)
+    if not metrics_dir or not 0 <= index < settings.workers:
+        print(
+            "edge: `edge worker` is started by `edge serve` with EDGE_WORKERS > 1", file=sys.stderr
+        )
+        return 2
+    die_with_supervisor(supervisor)
     from edge.app import run_server
 
     logs.configure(settings.log_level, settings.log_format)
     _install_uvloop()
-    asyncio.run(run_server(settings))
+    role = WorkerRole(index, settings.workers, metrics_dir, ready_fd)
+    asyncio.run(run_server(settings, worker=role))
+    return 0
 
 
 def _install_uvloop() -> None:

@@ -43,18 +43,20 @@ from edge.budget import Deadline
 from edge.cache import ResultCache
 from edge.errors import EdgeError, InvalidParameter, NotFound, Overloaded, Unauthorized
 from edge.logs import ACCESS, access_line, redact
-from edge.metrics import DISCONNECT_STAGES, Metrics
+from edge.metrics import DISCONNECT_STAGES, Metrics, SharedRegistry
 from edge.origins import Origin, Origins
 from edge.params import ReqFormat, parse_key
 from edge.responses import error_body
 from edge.service import Incoming, Reply, Service
 from edge.settings import Settings
+from edge.workers import WorkerRole
 
 log = logging.getLogger("edge")
 
 SETTINGS = web.AppKey("settings", Settings)
 METRICS = web.AppKey("metrics", Metrics)
 SERVICE = web.AppKey("service", Service)
+WORKER = web.AppKey("worker", WorkerRole)  # set only in a worker of EDGE_WORKERS > 1
 DEADLINE = web.RequestKey("deadline", Deadline)
 REQUEST_ID = web.RequestKey("request_id", str)
 REPLY = web.RequestKey("reply", Reply)
@@ -124,6 +126,7 @@ def create_app(
 
 
 def _default_registry() -> CollectorRegistry:
+    """Single-process mode: this process's metrics plus the standard process_* ones."""
     registry = CollectorRegistry()
     for collector in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR):
         registry.register(collector)
@@ -136,7 +139,12 @@ def _service_context(
     async def service_context(app: web.Application) -> AsyncIterator[None]:
         settings, metrics = app[SETTINGS], app[METRICS]
         imaging.configure(settings.allowed_input_formats)
+        # EDGE_MAX_CONCURRENCY and EDGE_MEMORY_LIMIT are for the whole service: a worker
+        # of EDGE_WORKERS > 1 enforces its share, and reports the whole limit.
+        role = app.get(WORKER)
         slots = settings.max_concurrency or system.available_cpus()
+        slots = max(1, role.share(slots)) if role else slots
+        memory_limit = _memory_limit_bytes(settings)
         queue = settings.queue_size if settings.queue_size is not None else 4 * slots
         origins = await Origins.from_settings(settings, metrics, default=given_origin)
         cache = ResultCache.from_settings(settings, metrics, clock=cache_clock)
@@ -144,10 +152,11 @@ def _service_context(
         admission = Admission(
             slots=slots,
             queue_size=queue,
-            memory_limit=_memory_limit_bytes(settings),
+            memory_limit=role.share(memory_limit) if role else memory_limit,
             baseline=system.resident_bytes(),
             metrics=metrics,
         )
+        metrics.memory_limit.set(memory_limit)
         service = app[SERVICE] = Service(
             settings,
             origins=origins,
@@ -178,12 +187,15 @@ def _memory_limit_bytes(settings: Settings) -> int:
 async def _memory_watch(app: web.Application) -> AsyncIterator[None]:
     """Sample RSS for the emergency brake and the gauge; trim malloc arenas when idle."""
 
+    role = app.get(WORKER)
+    worker_rss = app[METRICS].worker_rss.labels(worker=str(role.index if role else 0))
+
     async def watch() -> None:
         trimmer, ticks = system.Trimmer(), 0
-        metrics, admission = app[METRICS], app[SERVICE].admission
+        admission = app[SERVICE].admission
         while True:
             rss = system.resident_bytes()
-            metrics.worker_rss.labels(worker="0").set(rss)
+            worker_rss.set(rss)
             admission.observe_rss(rss)
             ticks += 1
             if ticks % TRIM_EVERY == 0 and admission.in_use == 0:
@@ -196,10 +208,18 @@ async def _memory_watch(app: web.Application) -> AsyncIterator[None]:
     await asyncio.gather(task, return_exceptions=True)
 
 
-async def run_server(settings: Settings) -> None:
+async def run_server(settings: Settings, *, worker: WorkerRole | None = None) -> None:
     """Serve until SIGTERM/SIGINT; then readyz turns 503, the listener closes, and
-    in-flight requests get EDGE_SHUTDOWN_GRACE seconds to finish before cleanup."""
-    app = create_app(settings)
+    in-flight requests get EDGE_SHUTDOWN_GRACE seconds to finish before cleanup.
+
+    ``worker`` is set in a worker process of EDGE_WORKERS > 1 (see ``edge.workers``): the
+    port is shared (SO_REUSEPORT), metrics go to the shared directory and ``/metrics``
+    reports every worker; EDGE_METRICS_PORT is then the supervisor's. In single-process
+    mode EDGE_METRICS_PORT is a second site here."""
+    registry = SharedRegistry(worker.metrics_dir) if worker else None
+    app = create_app(settings, registry=registry)
+    if worker:
+        app[WORKER] = worker
     runner = web.AppRunner(
         app,
         access_log=None,
@@ -207,21 +227,49 @@ async def run_server(settings: Settings) -> None:
         shutdown_timeout=settings.shutdown_grace,
     )
     await runner.setup()
-    site = web.TCPSite(runner, settings.host, settings.port, backlog=1024)
+    site = web.TCPSite(
+        runner, settings.host, settings.port, backlog=1024, reuse_port=worker is not None
+    )
     await site.start()
-    if not settings.signing_keys:
+    metrics_runner = None
+    if settings.metrics_port is not None and worker is None:
+        metrics_runner = await _metrics_site(app[METRICS], settings.host, settings.metrics_port)
+    if not settings.signing_keys and (worker is None or worker.index == 0):
         log.warning("EDGE_SIGNING_KEYS is not set: any caller may request any variant")
     log.info(
-        "edge listening on %s:%s, origin %s", settings.host, settings.port, settings.origin_url
+        "edge %slistening on %s:%s, origin %s",
+        f"worker {worker.index} " if worker else "",
+        settings.host,
+        settings.port,
+        settings.origin_url,
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
+    if worker:
+        worker.announce_ready()
     await stop.wait()
     app[STATE].ready = False
     log.info("shutting down: draining in-flight requests for up to %ss", settings.shutdown_grace)
     await runner.cleanup()
+    if metrics_runner is not None:  # scrapes keep working while the main site drains
+        await metrics_runner.cleanup()
+
+
+async def _metrics_site(metrics: Metrics, host: str, port: int) -> web.AppRunner:
+    """EDGE_METRICS_PORT in single-process mode: only ``/metrics``, on its own port."""
+
+    async def metrics_only(request: web.Request) -> web.Response:
+        return await _exposition(metrics)
+
+    app = web.Application()
+    app.router.add_get("/metrics", metrics_only)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, host, port).start()
+    log.info("metrics on %s:%s/metrics", host, port)
+    return runner
 
 
 # --- the outcome middleware -------------------------------------------------------------
@@ -467,7 +515,16 @@ async def readyz(request: web.Request) -> web.Response:
 
 
 async def metrics_endpoint(request: web.Request) -> web.Response:
-    body = await asyncio.to_thread(generate_latest, request.app[METRICS].registry)
+    """Prometheus exposition (every worker's with EDGE_WORKERS > 1: the registry reads
+    them all); 404 here when EDGE_METRICS_PORT serves it on its own port."""
+    if request.app[SETTINGS].metrics_port is not None:
+        text = "metrics are served on EDGE_METRICS_PORT\n"
+        return web.Response(status=404, text=text, headers=SECURITY_HEADERS)
+    return await _exposition(request.app[METRICS])
+
+
+async def _exposition(metrics: Metrics) -> web.Response:
+    body = await asyncio.to_thread(generate_latest, metrics.registry)
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 

@@ -3,11 +3,25 @@
 The registry is injected so tests (and several apps in one process) never share
 counters. Label values are drawn from small fixed sets; every fixed combination is
 created at zero on construction so ``rate()`` works before the first failure.
+
+With EDGE_WORKERS > 1 every worker process writes its samples to files in a directory
+shared with its siblings (prometheus_client's multi-process mode, chosen by the
+PROMETHEUS_MULTIPROC_DIR variable the supervisor sets before a worker starts), and
+``/metrics`` on any worker reads them all (``SharedRegistry``). Counters and histograms
+sum over every worker that ever ran, so they never go backwards when one is replaced;
+gauges sum over the live workers (``livesum``), except limits, build info and circuit
+flags, which take the largest live value (``livemax``): every worker reports the whole
+service's memory limit, so ``reserved / limit`` stays meaningful. The per-worker RSS
+gauge keeps its ``worker`` label. ``mark_process_dead`` drops a dead worker's gauges.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.metrics_core import Metric
+from prometheus_client.multiprocess import MultiProcessCollector
 
 from edge import __version__
 from edge.errors import OUTCOMES
@@ -21,6 +35,22 @@ ORIGIN_KINDS = ("file", "http", "s3")
 CACHE_TIERS = ("memory", "redis", "memcached")
 CACHE_RESULTS = ("hit", "miss", "stale", "error")
 FORMATS = ("jpeg", "png", "webp", "avif", "gif", "other")
+
+
+class SharedRegistry(CollectorRegistry):
+    """A worker's registry when several processes share the port.
+
+    Metrics register here as usual (names are still checked), but collecting reads every
+    worker's files in ``path``, so whichever worker answers a scrape reports the service.
+    """
+
+    def __init__(self, path: str) -> None:
+        super().__init__()
+        self.path = path
+        self._workers = MultiProcessCollector(None, path=path)  # type: ignore[no-untyped-call]
+
+    def collect(self) -> Iterable[Metric]:
+        return self._workers.collect()  # type: ignore[no-untyped-call,no-any-return]
 
 
 class Metrics:
@@ -90,21 +120,34 @@ class Metrics:
             registry=registry,
         )
         self.inflight = Gauge(
-            "edge_inflight_requests", "Requests being handled.", registry=registry
+            "edge_inflight_requests",
+            "Requests being handled.",
+            registry=registry,
+            multiprocess_mode="livesum",
         )
         self.queue_depth = Gauge(
-            "edge_queue_depth", "Transforms waiting for a slot.", registry=registry
+            "edge_queue_depth",
+            "Transforms waiting for a slot.",
+            registry=registry,
+            multiprocess_mode="livesum",
         )
         self.transforms_in_progress = Gauge(
-            "edge_transforms_in_progress", "Transforms holding a slot.", registry=registry
+            "edge_transforms_in_progress",
+            "Transforms holding a slot.",
+            registry=registry,
+            multiprocess_mode="livesum",
         )
         self.memory_reserved = Gauge(
             "edge_memory_reserved_bytes",
             "Memory reserved by admitted transforms.",
             registry=registry,
+            multiprocess_mode="livesum",
         )
         self.memory_limit = Gauge(
-            "edge_memory_limit_bytes", "The memory limit admission enforces.", registry=registry
+            "edge_memory_limit_bytes",
+            "The memory limit admission enforces, for the whole service.",
+            registry=registry,
+            multiprocess_mode="livemax",
         )
         self.response_bytes = Counter(
             "edge_response_bytes_total",
@@ -113,19 +156,25 @@ class Metrics:
             registry=registry,
         )
         self.build_info = Gauge(
-            "edge_build_info", "Always 1; the version is a label.", ["version"], registry=registry
+            "edge_build_info",
+            "Always 1; the version is a label.",
+            ["version"],
+            registry=registry,
+            multiprocess_mode="livemax",
         )
         self.origin_circuit_open = Gauge(
             "edge_origin_circuit_open",
             "1 while an origin's circuit breaker is open (EDGE_ORIGINS_FILE short names).",
             ["origin"],
             registry=registry,
+            multiprocess_mode="livemax",
         )
         self.worker_rss = Gauge(
             "edge_worker_resident_memory_bytes",
             "Resident memory of each worker process.",
             ["worker"],
             registry=registry,
+            multiprocess_mode="livesum",
         )
         self._create_fixed_series()
 

@@ -244,6 +244,20 @@ VARS: tuple[EnvVar, ...] = (
     EnvVar("EDGE_HOST", "0.0.0.0", str, "listen address"),
     EnvVar("EDGE_PORT", "8080", integer(0, 65535), "listen port"),
     EnvVar(
+        "EDGE_WORKERS",
+        "1",
+        integer(1, 256),
+        "processes sharing the port (SO_REUSEPORT); metrics aggregate across them; "
+        "a dead worker is replaced",
+    ),
+    EnvVar(
+        "EDGE_METRICS_PORT",
+        "",
+        optional(integer(1, 65535)),
+        "serve /metrics on its own port instead (the main port then answers 404 there)",
+        shown_default="(main port)",
+    ),
+    EnvVar(
         "EDGE_ORIGIN",
         "",
         optional(origin_url),
@@ -484,6 +498,8 @@ class Settings:
     log_level: str = "info"
     log_format: str = "json"
     shutdown_grace: float = 20.0
+    workers: int = 1
+    metrics_port: int | None = None
 
     @property
     def origin_url(self) -> str:

@@ -21,9 +21,12 @@ from __future__ import annotations
 
 import html
 import math
+import re
+from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Final, TypeAlias, cast
+from xml.parsers import expat
 
 import pyvips
 
@@ -272,6 +275,7 @@ def probe(data: bytes, limits: Limits) -> SourceInfo:
         raise UndecodableImage("not an image in a known format")
     if fmt not in limits.allowed_formats:
         raise FormatNotAllowed(f"input format {fmt} is not allowed")
+    _check_structure(data, fmt, limits)
     try:
         # sequential access: libvips reads the header now and decodes only on demand
         header = pyvips.Image.new_from_buffer(data, "", access="sequential")
@@ -281,7 +285,188 @@ def probe(data: bytes, limits: Limits) -> SourceInfo:
             f"the {fmt} header could not be read", detail=_libvips_message(error)
         ) from error
     _check_source_limits(info, limits)
+    if fmt == "svg":
+        _check_svg_references(data)
     return info
+
+
+# Checks of the container, in Python, where the libraries behind libvips would be slow
+# or lenient: each is linear in the file and stops early.
+
+#: top-level chunks (WebP) or boxes (AVIF/HEIF) walked at most, beyond the frames allowed
+_SPARE_CHUNKS: Final = 64
+
+
+def _check_structure(data: bytes, fmt: str, limits: Limits) -> None:
+    if fmt == "webp":
+        _check_webp_frames(data, limits.max_animation_frames)
+    elif fmt in ("avif", "heif"):
+        _check_bmff_complete(data, fmt)
+
+
+def _check_webp_frames(data: bytes, max_frames: int) -> None:
+    """Count an animated WebP's frames before libwebp does.
+
+    libwebp's demuxer finds each frame by walking the list from the first, so libvips'
+    header read is quadratic in the frame count: a few MB of one-pixel frames held a
+    thread for minutes. The RIFF chunks are walked here instead, stopping as soon as the
+    frame limit (or a sane number of other chunks) is passed.
+    """
+    frames = chunks = 0
+    pos = 12
+    while pos + 8 <= len(data):
+        if data[pos : pos + 4] == b"ANMF":
+            frames += 1
+            if frames > max_frames:
+                raise SourceTooLarge(
+                    f"the source has too many frames (more than {max_frames};"
+                    f" the limit is {max_frames})"
+                )
+        chunks += 1
+        if chunks > max_frames + _SPARE_CHUNKS:
+            raise SourceTooLarge(f"the WebP has too many chunks (more than {chunks - 1})")
+        size = int.from_bytes(data[pos + 4 : pos + 8], "little")
+        pos += 8 + size + (size & 1)
+
+
+def _check_bmff_complete(data: bytes, fmt: str) -> None:
+    """Every top-level ISO-BMFF box must be whole.
+
+    libheif decodes a grid image whose tiles lie past the end of a truncated file as
+    grey, without an error: a cut-off AVIF would be served (and cached) as a picture.
+    """
+    pos = boxes = 0
+    while pos < len(data):
+        boxes += 1
+        if boxes > _SPARE_CHUNKS:
+            raise UndecodableImage(f"the {fmt} file has too many top-level boxes")
+        if pos + 8 > len(data):
+            raise UndecodableImage(f"the {fmt} file is truncated")
+        size, header = int.from_bytes(data[pos : pos + 4], "big"), 8
+        if size == 1:  # a 64-bit size follows the type
+            if pos + 16 > len(data):
+                raise UndecodableImage(f"the {fmt} file is truncated")
+            size, header = int.from_bytes(data[pos + 8 : pos + 16], "big"), 16
+        elif size == 0:  # the last box, to the end of the file
+            return
+        if size < header:
+            raise UndecodableImage(f"the {fmt} file has a malformed box")
+        if pos + size > len(data):
+            raise UndecodableImage(
+                f"the {fmt} file is truncated",
+                detail=f"a box ends at {pos + size}, the file at {len(data)}",
+            )
+        pos += size
+
+
+#: elements librsvg may render for one SVG, references expanded: a ``<use>`` (or any
+#: ``href="#id"``) instantiates its target again, and nested references multiply
+SVG_MAX_RENDERED_ELEMENTS: Final = 100_000
+#: libxml2's own default nesting limit, which librsvg keeps
+_SVG_MAX_DEPTH: Final = 256
+_XLINK_HREF: Final = "http://www.w3.org/1999/xlink href"
+_XML_ID: Final = "http://www.w3.org/XML/1998/namespace id"
+_URL_REF: Final = re.compile(r"url\(\s*['\"]?#([^)'\"\s]+)")
+#: targets of url(#...) that only lend their colours: referring to one costs one element
+_PAINT_SERVERS: Final = frozenset({"linearGradient", "radialGradient"})
+
+
+@dataclass(eq=False)
+class _SvgNode:
+    """An element with an id (or the document), without the id'd elements inside it."""
+
+    tag: str
+    elements: int = 0
+    #: references made inside this node: target id -> how many times
+    refs: Counter[str] = field(default_factory=Counter)
+    children: list[_SvgNode] = field(default_factory=list)
+
+
+def _check_svg_references(data: bytes) -> None:
+    """Refuse an SVG whose references would make librsvg render too many elements.
+
+    A few hundred bytes of nested ``<use>`` ask for billions of elements; librsvg stops
+    at 500,000 references, but only after seconds of rendering that no kill switch can
+    interrupt (it renders a tile in one call). Counted here from the XML alone.
+    """
+    root = _SvgNode("")
+    ids: dict[str, list[_SvgNode]] = {}
+    stack: list[_SvgNode | None] = []
+    open_nodes = [root]
+
+    def start(name: str, attrs: dict[str, str]) -> None:
+        if len(stack) >= _SVG_MAX_DEPTH:
+            raise UndecodableImage("the SVG is nested too deeply")
+        tag = name.rpartition(" ")[2]
+        ident = attrs.get("id") or attrs.get(_XML_ID)
+        node = _SvgNode(tag) if ident else None
+        if node is not None and ident is not None:
+            ids.setdefault(ident, []).append(node)
+            open_nodes[-1].children.append(node)
+            open_nodes.append(node)
+        stack.append(node)
+        here = open_nodes[-1]
+        here.elements += 1
+        for attr, value in attrs.items():
+            if attr in ("href", _XLINK_HREF) and value.startswith("#"):
+                here.refs[value[1:].strip()] += 1
+            elif "url(" in value:
+                here.refs.update(_URL_REF.findall(value))
+
+    def end(_name: str) -> None:
+        if stack.pop() is not None:
+            open_nodes.pop()
+
+    parser = expat.ParserCreate(namespace_separator=" ")
+    parser.SetParamEntityParsing(expat.XML_PARAM_ENTITY_PARSING_NEVER)
+    parser.StartElementHandler = start
+    parser.EndElementHandler = end
+    try:
+        parser.Parse(data, True)
+    except expat.ExpatError as error:
+        raise UndecodableImage("the SVG is not well-formed XML", detail=str(error)) from error
+    rendered = _svg_rendered_elements(root, ids, SVG_MAX_RENDERED_ELEMENTS + 1)
+    if rendered > SVG_MAX_RENDERED_ELEMENTS:
+        raise SourceTooLarge(
+            f"the SVG's references expand to more than {SVG_MAX_RENDERED_ELEMENTS} elements"
+        )
+
+
+def _svg_rendered_elements(root: _SvgNode, ids: dict[str, list[_SvgNode]], cap: int) -> int:
+    """Elements of ``root`` with every reference expanded (at most ``cap``); depth-first
+    without recursion, since chains of references can be long."""
+    done: dict[int, int] = {}
+    started: set[int] = set()
+
+    def targets(node: _SvgNode) -> list[_SvgNode]:
+        return [t for name in node.refs for t in ids.get(name, ())] + node.children
+
+    def cost(node: _SvgNode) -> int:
+        total = node.elements + sum(done[id(child)] for child in node.children)
+        for name, count in node.refs.items():
+            weights = [
+                1 if target.tag in _PAINT_SERVERS else done[id(target)]
+                for target in ids.get(name, ())
+            ]
+            total += count * max(weights, default=0)
+        return min(total, cap)
+
+    pending: list[tuple[_SvgNode, bool]] = [(root, False)]
+    while pending:
+        node, ready = pending.pop()
+        if ready:
+            done[id(node)] = cost(node)
+            continue
+        if id(node) in done:
+            continue
+        started.add(id(node))
+        pending.append((node, True))
+        for target in targets(node):
+            if id(target) in started and id(target) not in done:
+                raise UndecodableImage("the SVG refers to itself in a loop")
+            if id(target) not in done:
+                pending.append((target, False))
+    return done[id(root)]
 
 
 def _source_info(header: VipsImage, fmt: str, size: int) -> SourceInfo:

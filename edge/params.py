@@ -2,9 +2,10 @@
 
 Owns the object key's decoding, both parameter dialects (Imagizer and Scene7 names,
 DESIGN.md section 1) with one table of canonical name -> aliases -> parser, their
-validation, the operator's parameter policies, the canonical form used in cache keys and
-ETags, and the reading of Accept and client-hint headers handed in as strings. Knows
-nothing of HTTP servers, storage or pixels.
+validation, the operator's parameter policies and presets (``preset=<name>`` / ``$name$``
+expanded into their parameters), the canonical form used in cache keys and ETags, and
+the reading of Accept and client-hint headers handed in as strings. Knows nothing of HTTP
+servers, storage or pixels.
 """
 
 from __future__ import annotations
@@ -19,7 +20,13 @@ from enum import StrEnum
 from types import MappingProxyType
 from urllib.parse import unquote_to_bytes
 
-from edge.errors import BadKey, InvalidParameter, OutputTooLarge, ParameterNotAllowed
+from edge.errors import (
+    BadKey,
+    InvalidParameter,
+    OutputTooLarge,
+    ParameterNotAllowed,
+    PresetsOnly,
+)
 from edge.settings import Rule, Settings, SettingsError
 
 
@@ -167,9 +174,11 @@ class ParamPolicy:
     """The operator's rules for query parameters, normalised to canonical names.
 
     Owns EDGE_IGNORED_PARAMS, EDGE_IMAGE_PARAMS_ALLOWED, EDGE_IMAGE_PARAM_VALIDATIONS,
-    EDGE_AUTO_FORMAT and EDGE_MAX_OUTPUT_DIMENSION as parse_query needs them. Aliases in
-    the allowed list and in validation rules are resolved to canonical names; an unknown
-    name or a rule that cannot apply raises SettingsError naming the variable.
+    EDGE_AUTO_FORMAT, EDGE_MAX_OUTPUT_DIMENSION, the presets (EDGE_PRESETS,
+    EDGE_PRESETS_FILE) and EDGE_ONLY_PRESETS as parse_query needs them. Aliases in the
+    allowed list and in validation rules are resolved to canonical names; an unknown name,
+    a rule that cannot apply or a preset that is not a valid request raises SettingsError
+    naming the variable.
     """
 
     #: lower-case globs of parameter names to skip entirely
@@ -180,17 +189,27 @@ class ParamPolicy:
     validations: Mapping[str, Rule] = field(default_factory=dict, hash=False)
     auto_format: bool = False
     max_output_dimension: int = 8192
+    #: preset name -> its query pairs as the operator wrote them (names match any case)
+    presets: Mapping[str, Sequence[tuple[str, str]]] = field(default_factory=dict, hash=False)
+    #: EDGE_ONLY_PRESETS: transforms only through presets
+    only_presets: bool = False
+    #: lower-case preset name -> its parameters, resolved and checked once
+    _expansions: Mapping[str, tuple[_Named, ...]] = field(
+        default_factory=dict, init=False, repr=False, compare=False, hash=False
+    )
 
     def __post_init__(self) -> None:
         problems: list[str] = []
         allowed = None if self.allowed is None else _canonical_names(self.allowed, problems)
         validations = _normalised_rules(self.validations, problems)
+        expansions = _preset_expansions(self.presets, self.max_output_dimension, problems)
         if problems:
             raise SettingsError(problems)
         # Frozen: normalise in place once, before anyone can see the instance.
         object.__setattr__(self, "ignored", tuple(glob.lower() for glob in self.ignored))
         object.__setattr__(self, "allowed", allowed)
         object.__setattr__(self, "validations", MappingProxyType(validations))
+        object.__setattr__(self, "_expansions", MappingProxyType(expansions))
 
     @classmethod
     def from_settings(cls, settings: Settings) -> ParamPolicy:
@@ -200,7 +219,13 @@ class ParamPolicy:
             validations=settings.image_param_validations,
             auto_format=settings.auto_format,
             max_output_dimension=settings.max_output_dimension,
+            presets=settings.all_presets,
+            only_presets=settings.only_presets,
         )
+
+    def preset(self, name: str) -> tuple[_Named, ...] | None:
+        """A preset's parameters (the name in any case), or None when there is no such preset."""
+        return self._expansions.get(name.lower())
 
     def is_ignored(self, name: str) -> bool:
         lowered = name.lower()
@@ -214,6 +239,8 @@ class ParamPolicy:
 def _canonical_names(names: Iterable[str], problems: list[str]) -> frozenset[str]:
     resolved = set()
     for name in names:
+        if name.lower() == PRESET:
+            continue  # always allowed: operators wrote every preset there is
         param = _PARAMS_BY_NAME.get(name.lower())
         if param is None:
             problems.append(f"EDGE_IMAGE_PARAMS_ALLOWED: unknown parameter {name!r}")
@@ -266,6 +293,8 @@ class ImageRequest:
     signature: str | None = None
     #: canonical names whose value the URL fixed (client hints fill only the others)
     given: frozenset[str] = frozenset()
+    #: the preset the request named (lower case), if any; its parameters are in the spec
+    preset: str | None = None
 
     @property
     def is_original(self) -> bool:
@@ -282,8 +311,9 @@ class ImageRequest:
 
         Names and values are canonical (aliases, case, order and defaults normalised);
         s, sig, backendTimeout, defaultImage, origin, bucket and ignored parameters are
-        left out. An original request reads ``original`` so it never shares an entry with
-        a re-encoded image whose spec happens to be all defaults.
+        left out. A preset is expanded, so ``preset=thumb`` and the same parameters spelt
+        out share one entry. An original request reads ``original`` so it never shares an
+        entry with a re-encoded image whose spec happens to be all defaults.
         """
         parts = ["original"] if self.is_original else _spec_parts(self.spec)
         parts.append(f"req={self.req.value},{self.req_format.value}")
@@ -862,31 +892,45 @@ class _Named:
     param: _Param
     written: str
     value: str
+    #: written by the operator in a preset: exempt from the allowed list and the rules
+    from_preset: bool = False
 
 
 def parse_query(pairs: Sequence[tuple[str, str]], policy: ParamPolicy) -> ImageRequest:
     """Validate decoded query pairs into an ImageRequest (DESIGN.md section 1).
 
-    Order of failures, whatever the order of the pairs: unknown or duplicated names
-    (InvalidParameter), names outside EDGE_IMAGE_PARAMS_ALLOWED (ParameterNotAllowed),
-    values (InvalidParameter, pair by pair), conflicts between parameters
+    Order of failures, whatever the order of the pairs: unknown or duplicated names and
+    unknown presets (InvalidParameter), names outside EDGE_IMAGE_PARAMS_ALLOWED
+    (ParameterNotAllowed), transforms outside presets under EDGE_ONLY_PRESETS
+    (PresetsOnly), values (InvalidParameter, pair by pair), conflicts between parameters
     (InvalidParameter), then output dimensions (OutputTooLarge).
+
+    A preset (``preset=<name>``, or Scene7's ``$name$`` as a bare word) expands to its
+    parameters; explicit parameters beside it replace the preset's value of the same
+    canonical parameter (see ``_beside_preset``). The preset's own parameters are the
+    operator's: neither EDGE_IMAGE_PARAMS_ALLOWED nor EDGE_IMAGE_PARAM_VALIDATIONS
+    applies to them, while both apply to the explicit ones.
     """
-    named = _resolve_names(pairs, policy)
-    for item in named:
+    explicit, reference = _resolve_names(pairs, policy)
+    preset = None if reference is None else _expansion(reference, policy)
+    for item in explicit:
         if not policy.is_allowed(item.param.name):
             raise ParameterNotAllowed(
                 f"{item.param.name}: not allowed on this service",
                 detail="EDGE_IMAGE_PARAMS_ALLOWED",
             )
+    if policy.only_presets:
+        _check_only_presets(explicit)
+    named = explicit if preset is None else _beside_preset(preset, explicit)
     draft = _Draft()
     given: set[str] = set()
     for item in named:
         parsed = _parse_value(item, draft)
-        _check_rule(item.param, parsed, policy.validations.get(item.param.key))
+        if not item.from_preset:
+            _check_rule(item.param, parsed, policy.validations.get(item.param.key))
         if parsed.pins:
             given.add(item.param.name)
-    spec = _settle_spec(draft, policy)
+    spec = _settle_spec(draft, auto_format=policy.auto_format)
     _check_output_size(spec, policy.max_output_dimension)
     return ImageRequest(
         spec=spec,
@@ -898,15 +942,39 @@ def parse_query(pairs: Sequence[tuple[str, str]], policy: ParamPolicy) -> ImageR
         default_image=draft.default_image,
         signature=draft.signature,
         given=frozenset(given),
+        preset=None if reference is None else reference.name.lower(),
     )
 
 
-def _resolve_names(pairs: Sequence[tuple[str, str]], policy: ParamPolicy) -> list[_Named]:
-    """The pairs that are not ignored, each with its parameter; unknown/duplicate -> 400."""
+@dataclass(frozen=True, slots=True)
+class _PresetReference:
+    """A request's preset: the name as written (``preset`` or ``$thumb$``) and the preset."""
+
+    written: str
+    name: str
+
+
+def _resolve_names(
+    pairs: Sequence[tuple[str, str]], policy: ParamPolicy
+) -> tuple[list[_Named], _PresetReference | None]:
+    """The pairs that are not ignored, each with its parameter, and the preset named if any.
+
+    Unknown names and a parameter (or preset) given twice are 400s.
+    """
     named: list[_Named] = []
     seen: dict[str, str] = {}
+    reference: _PresetReference | None = None
     for name, value in pairs:
         if policy.is_ignored(name):
+            continue
+        mentioned = _preset_reference(name, value)
+        if mentioned is not None:
+            if reference is not None:
+                raise InvalidParameter(
+                    PRESET,
+                    f"given more than once (as {_shown(reference.written)} and {_shown(name)})",
+                )
+            reference = mentioned
             continue
         param = _PARAMS_BY_NAME.get(name.lower())
         if param is None:
@@ -918,7 +986,160 @@ def _resolve_names(pairs: Sequence[tuple[str, str]], policy: ParamPolicy) -> lis
             )
         seen[param.name] = name
         named.append(_Named(param, name, value))
-    return named
+    return named, reference
+
+
+# =========================================================================================
+# Presets
+# =========================================================================================
+
+#: the parameter naming a preset; Scene7's bare ``$name$`` word names one too
+PRESET = "preset"
+
+
+def _preset_reference(name: str, value: str) -> _PresetReference | None:
+    """``preset=<name>`` or a bare ``$name$`` word (no value), else None."""
+    if name.lower() == PRESET:
+        return _PresetReference(name, value)
+    if value == "" and len(name) > 2 and name.startswith("$") and name.endswith("$"):
+        return _PresetReference(name, name[1:-1])
+    return None
+
+
+def _expansion(reference: _PresetReference, policy: ParamPolicy) -> tuple[_Named, ...]:
+    """The preset's parameters; an unknown one is a 400 naming what the client wrote
+    (``preset``, or the ``$name$`` word itself)."""
+    preset = policy.preset(reference.name)
+    if preset is None:
+        written = PRESET if reference.written.lower() == PRESET else reference.written
+        raise InvalidParameter(_name_shown(written), f"unknown preset {_shown(reference.name)}")
+    return preset
+
+
+def _check_only_presets(explicit: Sequence[_Named]) -> None:
+    """EDGE_ONLY_PRESETS: explicit parameters may only be those that change no pixels.
+
+    s/sig, backendTimeout, origin, bucket and defaultImage (each under its own policy)
+    are what an original request may carry too, so a request of only those is an
+    original, and beside a preset they leave its variant alone. Anything else, req=
+    included, is PresetsOnly (401), with or without a preset beside it.
+    """
+    for item in explicit:
+        if item.param.name not in _NOT_TRANSFORMING:
+            raise PresetsOnly(
+                f"{item.param.name}: only presets are accepted on this service",
+                detail="EDGE_ONLY_PRESETS",
+            )
+
+
+def _beside_preset(preset: Sequence[_Named], explicit: Sequence[_Named]) -> list[_Named]:
+    """The preset's parameters overridden by the explicit ones, canonical name by name.
+
+    Parameters that imply others are untangled so the explicit one wins instead of
+    conflicting with what the preset implied: beside a preset crop mode (crop=top), an
+    explicit fit or gravity replaces that part of the mode and keeps the other; an
+    explicit crop mode drops the preset's fit (and its gravity when the mode sets one);
+    an explicit upscale drops a preset fit's ``,0``/``,1`` suffix, and an explicit fit
+    with a suffix drops the preset's upscale.
+    """
+    given = {item.param.name: item for item in explicit}
+    kept = [kept for item in preset for kept in _preset_item_beside(item, given)]
+    return kept + list(explicit)
+
+
+def _preset_item_beside(item: _Named, given: Mapping[str, _Named]) -> list[_Named]:
+    name = item.param.name
+    if name in given:
+        return []
+    if name == "crop" and ("fit" in given or "gravity" in given):
+        mode = _CROP_MODES.get(item.value.lower())
+        if mode is not None:
+            implied = []
+            if "fit" not in given:
+                implied.append(_implied("fit", mode.fit.value))
+            if mode.gravity is not None and "gravity" not in given:
+                implied.append(_implied("gravity", mode.gravity.value))
+            return implied
+    if name in ("fit", "gravity") and "crop" in given:
+        mode = _CROP_MODES.get(given["crop"].value.lower())
+        if mode is not None and (name == "fit" or mode.gravity is not None):
+            return []
+    if name == "fit" and "upscale" in given and "," in item.value:
+        return [replace(item, value=item.value.partition(",")[0])]
+    if name == "upscale" and "fit" in given and "," in given["fit"].value:
+        return []
+    return [item]
+
+
+def _implied(name: str, value: str) -> _Named:
+    """A parameter a preset implied (through crop=<mode>), stated on its own."""
+    return _Named(_PARAMS_BY_NAME[name], PRESET, value, from_preset=True)
+
+
+def preset_problem(
+    pairs: Sequence[tuple[str, str]], max_output_dimension: int | None = None
+) -> str | None:
+    """Why these decoded query pairs cannot be a preset, or None when they can.
+
+    A preset is checked as a request made of it alone would be: known names, each once,
+    valid values, no conflicts, and (given the limit) an output within
+    EDGE_MAX_OUTPUT_DIMENSION; it may not be empty, name another preset or carry a
+    signature. For settings.py, which cannot import this module at its own import time.
+    """
+    try:
+        items = _preset_items(pairs)
+        draft = _Draft()
+        for item in items:
+            _parse_value(item, draft)
+        spec = _settle_spec(draft, auto_format=False)
+        if max_output_dimension is not None:
+            _check_output_size(spec, max_output_dimension)
+    except (InvalidParameter, OutputTooLarge) as exc:
+        return exc.reason
+    return None
+
+
+def _preset_items(pairs: Sequence[tuple[str, str]]) -> tuple[_Named, ...]:
+    if not pairs:
+        raise InvalidParameter(PRESET, "a preset needs at least one parameter")
+    items: list[_Named] = []
+    seen: dict[str, str] = {}
+    for name, value in pairs:
+        if _preset_reference(name, value) is not None:
+            raise InvalidParameter(_name_shown(name), "a preset cannot name another preset")
+        param = _PARAMS_BY_NAME.get(name.lower())
+        if param is None:
+            raise InvalidParameter(_name_shown(name), "unknown parameter")
+        if param.name == "s":
+            raise InvalidParameter(param.name, "a preset cannot carry a signature")
+        if param.name in seen:
+            raise InvalidParameter(
+                param.name,
+                f"given more than once (as {_shown(seen[param.name])} and {_shown(name)})",
+            )
+        seen[param.name] = name
+        items.append(_Named(param, name, value, from_preset=True))
+    return tuple(items)
+
+
+def _preset_expansions(
+    presets: Mapping[str, Sequence[tuple[str, str]]],
+    max_output_dimension: int,
+    problems: list[str],
+) -> dict[str, tuple[_Named, ...]]:
+    """Each preset's parameters by lower-case name; what is wrong goes to ``problems``."""
+    where = "EDGE_PRESETS/EDGE_PRESETS_FILE"
+    expansions: dict[str, tuple[_Named, ...]] = {}
+    for name, pairs in presets.items():
+        key = name.lower()
+        problem = preset_problem(pairs, max_output_dimension)
+        if key in expansions:
+            problem = "defined twice"
+        if problem is not None:
+            problems.append(f"{where}: preset {name!r}: {problem}")
+            continue
+        expansions[key] = _preset_items(pairs)
+    return expansions
 
 
 def _parse_value(item: _Named, draft: _Draft) -> _Parsed:
@@ -963,10 +1184,11 @@ def _check_rule(param: _Param, parsed: _Parsed, rule: Rule | None) -> None:
         )
 
 
-def _settle_spec(draft: _Draft, policy: ParamPolicy) -> TransformSpec:
-    """Resolve what parameters imply for each other (crop -> fit/gravity, fit -> upscale)."""
+def _settle_spec(draft: _Draft, *, auto_format: bool) -> TransformSpec:
+    """Resolve what parameters imply for each other (crop -> fit/gravity, fit -> upscale);
+    ``auto_format`` is EDGE_AUTO_FORMAT."""
     fit, gravity = _settle_fit_and_gravity(draft)
-    auto_format = draft.auto_format or (draft.format is None and policy.auto_format)
+    auto_format = draft.auto_format or (draft.format is None and auto_format)
     defaults = TransformSpec()
     return TransformSpec(
         width=draft.width,

@@ -17,7 +17,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlsplit
 
 SAMPLES_DIR = Path(__file__).parent / "samples"
 
@@ -221,6 +221,278 @@ def cors_origins(text: str) -> tuple[str, ...]:
     return word_list(text)
 
 
+# --- presets (EDGE_PRESETS, EDGE_PRESETS_FILE) ---------------------------------------------
+
+#: a preset's query pairs, decoded as a request's query is (``+`` is a space)
+PresetPairs = tuple[tuple[str, str], ...]
+PRESET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+_PRESETS_FORM = "name=query presets separated by ';' (thumb=width=200&height=200;hero=width=1600)"
+_PRESETS_FILE_FORM = (
+    "a readable UTF-8 file of name=query lines (blank lines and # comments ignored)"
+)
+
+
+def presets(text: str) -> dict[str, PresetPairs]:
+    """EDGE_PRESETS: ``name=query`` definitions separated by ``;``."""
+    definitions = [(f"preset {i}", part) for i, part in enumerate(text.split(";"), 1)]
+    return _preset_table(definitions, _PRESETS_FORM)
+
+
+def presets_file(text: str) -> dict[str, PresetPairs]:
+    """EDGE_PRESETS_FILE: a file of ``name=query`` lines."""
+    path = text.strip()
+    if not path:
+        return {}
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{_PRESETS_FILE_FORM}; cannot read it: {_why(exc)}") from None
+    definitions = [
+        (f"line {number}", line)
+        for number, line in enumerate(lines, 1)
+        if line.strip() and not line.lstrip().startswith("#")
+    ]
+    return _preset_table(definitions, _PRESETS_FILE_FORM)
+
+
+def _preset_table(definitions: list[tuple[str, str]], form: str) -> dict[str, PresetPairs]:
+    """Preset name (lower case: names match case-insensitively) -> checked query pairs."""
+    # Lazy: edge.params imports this module; it checks each preset as a request would.
+    from edge.params import preset_problem
+
+    table: dict[str, PresetPairs] = {}
+    problems: list[str] = []
+    for where, definition in definitions:
+        if not definition.strip():
+            continue
+        name, equals, query = definition.strip().partition("=")
+        name = name.strip()
+        if not equals or not PRESET_NAME.fullmatch(name):
+            shown = definition.strip()[:60]
+            problems.append(
+                f"{where}: {shown!r} is not name=query (a name is letters, digits, '_', '.', '-')"
+            )
+            continue
+        if name.lower() in table:
+            problems.append(f"preset {name!r} is defined twice")
+            continue
+        pairs = tuple(parse_qsl(query.strip(), keep_blank_values=True))
+        problem = preset_problem(pairs)
+        if problem is not None:
+            problems.append(f"preset {name!r}: {problem}")
+            continue
+        table[name.lower()] = pairs
+    if problems:
+        raise ValueError(f"{form}; " + "; ".join(problems))
+    return table
+
+
+# --- origins by key prefix (EDGE_ORIGINS_FILE) ----------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class BreakerConfig:
+    """An origin's circuit breaker: opens after ``failures`` in a row, probes after ``cooldown``."""
+
+    failures: int = 5
+    cooldown: float = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class OriginConfig:
+    """One EDGE_ORIGINS_FILE entry, validated."""
+
+    #: short name: the metrics label and the error detail (never a URL)
+    name: str
+    #: keys starting with it go to this origin, which is asked for the rest of the key
+    prefix: str
+    #: as EDGE_ORIGIN: file, http(s) or s3
+    url: str
+    #: seconds; None: only the request budget applies
+    timeout: float | None = None
+    #: static headers sent with every request to an http(s) origin
+    headers: tuple[tuple[str, str], ...] = ()
+    #: s3 origins only; None: EDGE_S3_ENDPOINT_URL / EDGE_S3_REGION
+    s3_endpoint_url: str | None = None
+    s3_region: str | None = None
+    breaker: BreakerConfig = BreakerConfig()
+
+
+_ORIGINS_FORM = (
+    "a YAML or JSON list of {name, prefix, url, timeout?, headers?, s3_endpoint_url?,"
+    " s3_region?, breaker?: {failures, cooldown}}"
+)
+_ORIGIN_KEYS = frozenset(f.name for f in fields(OriginConfig))
+_ORIGIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]{1,64}")
+#: headers edge sets itself or that would change how the body is framed or encoded
+_RESERVED_HEADERS = frozenset(
+    {"host", "content-length", "transfer-encoding", "connection", "accept-encoding", "te"}
+)
+
+
+def origins_file(text: str) -> tuple[OriginConfig, ...]:
+    """EDGE_ORIGINS_FILE: read, parse (``.json`` as JSON, anything else as YAML), check."""
+    path = text.strip()
+    if not path:
+        return ()
+    try:
+        content = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{_ORIGINS_FORM}; cannot read it: {_why(exc)}") from None
+    entries = _structured(path, content)
+    if not isinstance(entries, list) or not entries:
+        raise ValueError(f"{_ORIGINS_FORM}; the file does not hold a non-empty list")
+    origins: list[OriginConfig] = []
+    problems: list[str] = []
+    for index, entry in enumerate(entries, 1):
+        named = entry.get("name") if isinstance(entry, dict) else None
+        where = f"entry {index}" + (f" ({named!r})" if isinstance(named, str) else "")
+        try:
+            origins.append(_origin_entry(entry))
+        except ValueError as exc:
+            problems.append(f"{where}: {exc}")
+    for attribute in ("name", "prefix"):
+        seen: set[str] = set()
+        for origin in origins:
+            value = getattr(origin, attribute)
+            if value in seen:
+                problems.append(f"{attribute} {value!r} is used by more than one entry")
+            seen.add(value)
+    if problems:
+        raise ValueError(f"{_ORIGINS_FORM}; " + "; ".join(problems))
+    return tuple(origins)
+
+
+def _structured(path: str, content: str) -> Any:
+    if path.lower().endswith(".json"):
+        try:
+            return json.loads(content)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{_ORIGINS_FORM}; not valid JSON: {exc}") from None
+    import yaml  # type: ignore[import-untyped]  # lazy: only needed with this file
+
+    try:
+        return yaml.safe_load(content)
+    except yaml.YAMLError as exc:
+        shown = " ".join(str(exc).split())
+        raise ValueError(f"{_ORIGINS_FORM}; not valid YAML: {shown}") from None
+
+
+def _origin_entry(entry: object) -> OriginConfig:
+    if not isinstance(entry, dict):
+        raise ValueError("not an object with name, prefix and url")
+    unknown = sorted(str(key) for key in entry if key not in _ORIGIN_KEYS)
+    if unknown:
+        raise ValueError(
+            f"unknown field {', '.join(unknown)} (known: {', '.join(sorted(_ORIGIN_KEYS))})"
+        )
+    for required in ("name", "prefix", "url"):
+        if required not in entry:
+            raise ValueError(f"{required} is missing")
+    name = entry["name"]
+    if not isinstance(name, str) or not _ORIGIN_NAME.fullmatch(name):
+        raise ValueError("name: 1-64 letters, digits, '_', '.' or '-'")
+    url = _entry_text(entry, "url")
+    try:
+        url = origin_url(url)
+    except ValueError as exc:
+        raise ValueError(f"url: expected {exc}") from None
+    kind = urlsplit(url).scheme
+    s3_endpoint_url = _entry_optional_text(entry, "s3_endpoint_url")
+    s3_region = _entry_optional_text(entry, "s3_region")
+    if kind != "s3" and (s3_endpoint_url is not None or s3_region is not None):
+        raise ValueError("s3_endpoint_url and s3_region apply only to s3:// urls")
+    if s3_endpoint_url is not None:
+        parts = urlsplit(s3_endpoint_url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("s3_endpoint_url: expected http(s)://host[:port]")
+    if s3_region is not None and not re.fullmatch(r"[a-z0-9-]{1,32}", s3_region):
+        raise ValueError("s3_region: expected a region name such as eu-west-1")
+    headers = _entry_headers(entry.get("headers"))
+    if headers and kind not in ("http", "https"):
+        raise ValueError("headers apply only to http(s) urls")
+    return OriginConfig(
+        name=name,
+        prefix=_entry_prefix(entry["prefix"]),
+        url=url,
+        timeout=_entry_seconds(entry.get("timeout"), "timeout"),
+        headers=headers,
+        s3_endpoint_url=s3_endpoint_url,
+        s3_region=s3_region,
+        breaker=_entry_breaker(entry.get("breaker")),
+    )
+
+
+def _entry_text(entry: dict[Any, Any], key: str) -> str:
+    value = entry[key]
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"{key}: expected a non-empty string")
+    return value.strip()
+
+
+def _entry_optional_text(entry: dict[Any, Any], key: str) -> str | None:
+    return None if entry.get(key) is None else _entry_text(entry, key)
+
+
+def _entry_prefix(value: object) -> str:
+    form = "prefix: expected a key prefix such as 'products/' (no leading '/', '.' or '..' segment)"
+    if not isinstance(value, str) or not value or value.startswith("/"):
+        raise ValueError(form)
+    if "\x00" in value or "\\" in value or any(s in (".", "..") for s in value.split("/")):
+        raise ValueError(form)
+    return value
+
+
+def _entry_seconds(value: object, key: str) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"{key}: expected a number of seconds")
+    if not math.isfinite(value) or not 0 < value <= 3600:
+        raise ValueError(f"{key}: expected a number of seconds above 0, at most 3600")
+    return float(value)
+
+
+def _entry_headers(value: object) -> tuple[tuple[str, str], ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, dict):
+        raise ValueError("headers: expected an object of header name -> value")
+    headers: list[tuple[str, str]] = []
+    for name, text in value.items():
+        if not isinstance(name, str) or not _HEADER_NAME.fullmatch(name):
+            raise ValueError(f"headers: {str(name)[:40]!r} is not a header name")
+        if name.lower() in _RESERVED_HEADERS:
+            raise ValueError(f"headers: {name} is set by edge itself")
+        if isinstance(text, bool) or not isinstance(text, str | int | float):
+            raise ValueError(f"headers: {name}: expected a text value")
+        shown = str(text)
+        if any(char in shown for char in "\r\n\x00"):
+            raise ValueError(f"headers: {name}: the value holds a line break or NUL")
+        headers.append((name, shown))
+    return tuple(headers)
+
+
+def _entry_breaker(value: object) -> BreakerConfig:
+    if value is None:
+        return BreakerConfig()
+    if not isinstance(value, dict) or set(value) - {"failures", "cooldown"}:
+        raise ValueError("breaker: expected {failures: 5, cooldown: 30}")
+    defaults = BreakerConfig()
+    failures = value.get("failures", defaults.failures)
+    if isinstance(failures, bool) or not isinstance(failures, int) or not 1 <= failures <= 1000:
+        raise ValueError("breaker: failures: expected an integer from 1 to 1000")
+    cooldown = _entry_seconds(value.get("cooldown", defaults.cooldown), "breaker: cooldown")
+    if cooldown is None:
+        raise ValueError("breaker: cooldown: expected a number of seconds")
+    return BreakerConfig(failures=failures, cooldown=cooldown)
+
+
+def _why(exc: Exception) -> str:
+    return exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+
+
 # --- declarations -------------------------------------------------------------------------
 
 
@@ -272,6 +544,15 @@ VARS: tuple[EnvVar, ...] = (
         shown_default="AWS",
     ),
     EnvVar("EDGE_S3_REGION", "", optional(str), "S3 region", shown_default="AWS default"),
+    EnvVar(
+        "EDGE_ORIGINS_FILE",
+        "",
+        origins_file,
+        "YAML/JSON list of origins by key prefix (longest wins, stripped), each with its own"
+        " url, timeout, headers, S3 endpoint/region and circuit breaker; EDGE_ORIGIN is the"
+        " fallback",
+        shown_default="(none)",
+    ),
     EnvVar(
         "EDGE_ALLOW_DYNAMIC_ORIGIN",
         "false",
@@ -367,6 +648,27 @@ VARS: tuple[EnvVar, ...] = (
         param_validations,
         'JSON min/max/allowed per canonical parameter, e.g. `{"width":{"max":2000}}`',
         shown_default="(none)",
+    ),
+    EnvVar(
+        "EDGE_PRESETS",
+        "",
+        presets,
+        "named parameter sets for `preset=<name>` or `$name$`:"
+        " `thumb=width=200&height=200&fit=cover;hero=width=1600`",
+        shown_default="(none)",
+    ),
+    EnvVar(
+        "EDGE_PRESETS_FILE",
+        "",
+        presets_file,
+        "a file of `name=query` preset lines (blank lines and `#` comments ignored)",
+        shown_default="(none)",
+    ),
+    EnvVar(
+        "EDGE_ONLY_PRESETS",
+        "false",
+        boolean,
+        "accept only preset requests (and original requests, if allowed); anything else 401",
     ),
     EnvVar(
         "EDGE_MAX_CONCURRENCY",
@@ -498,6 +800,11 @@ class Settings:
     log_level: str = "info"
     log_format: str = "json"
     shutdown_grace: float = 20.0
+    #: preset name (lower case) -> query pairs; EDGE_PRESETS and EDGE_PRESETS_FILE
+    presets: dict[str, PresetPairs] = field(default_factory=dict, hash=False)
+    presets_file: dict[str, PresetPairs] = field(default_factory=dict, hash=False)
+    only_presets: bool = False
+    origins_file: tuple[OriginConfig, ...] = ()
     workers: int = 1
     metrics_port: int | None = None
 
@@ -509,6 +816,41 @@ class Settings:
     def is_ignored(self, name: str) -> bool:
         lowered = name.lower()
         return any(fnmatch.fnmatchcase(lowered, pattern) for pattern in self.ignored_params)
+
+    @property
+    def all_presets(self) -> dict[str, PresetPairs]:
+        """Every preset, from EDGE_PRESETS_FILE and EDGE_PRESETS (a name is in one only)."""
+        return {**self.presets_file, **self.presets}
+
+    def __post_init__(self) -> None:
+        problems = _preset_problems(self)
+        if problems:
+            raise SettingsError(problems)
+
+
+def _preset_problems(settings: Settings) -> list[str]:
+    """What is wrong with the presets given the other variables (names, output limits)."""
+    problems: list[str] = []
+    both = sorted(set(settings.presets) & set(settings.presets_file))
+    if both:
+        problems.append(
+            f"EDGE_PRESETS and EDGE_PRESETS_FILE both define {', '.join(both)}: define each once"
+        )
+    if settings.only_presets and not settings.all_presets:
+        problems.append("EDGE_ONLY_PRESETS=true: no presets (EDGE_PRESETS or EDGE_PRESETS_FILE)")
+    if not settings.all_presets:
+        return problems
+    from edge.params import preset_problem  # lazy: edge.params imports this module
+
+    for name, table in (
+        ("EDGE_PRESETS", settings.presets),
+        ("EDGE_PRESETS_FILE", settings.presets_file),
+    ):
+        for preset, pairs in table.items():
+            problem = preset_problem(pairs, settings.max_output_dimension)
+            if problem is not None:
+                problems.append(f"{name}: preset {preset!r}: {problem}")
+    return problems
 
 
 def load_settings(environ: Mapping[str, str]) -> Settings:

@@ -12,9 +12,11 @@ The first path segment picks the behaviour; the rest is the object key under
     /garbage/<key>            random bytes labelled image/jpeg
     /redirect/<n>/<key>       n redirects, then /ok/<key>
     /goto/<host:port>/<key>   a redirect to http://<host:port>/ok/<key> (another host)
+    /hold/<key>               wait until ``release()`` is called, then as /ok/<key>
 
 ``events`` records what the origin saw (requests, and handlers cancelled because the
-client went away) so tests can assert causes, not just timings.
+client went away) and ``headers`` each request's headers (lower-case names), so tests can
+assert causes, not just timings.
 """
 
 from __future__ import annotations
@@ -37,11 +39,18 @@ class FakeOrigin:
         self.objects: dict[str, bytes] = {}
         self.events: Counter[str] = Counter()
         self.cancelled = asyncio.Event()
+        self.headers: list[dict[str, str]] = []
+        #: set while a /hold/ request is waiting; release() lets held requests go
+        self.holding = asyncio.Event()
+        self._gate = asyncio.Event()
         self._runner: web.AppRunner | None = None
         self.port = 0
 
     def put(self, key: str, data: bytes) -> None:
         self.objects[key] = data
+
+    def release(self) -> None:
+        self._gate.set()
 
     @property
     def url(self) -> str:
@@ -74,6 +83,7 @@ class FakeOrigin:
     async def _dispatch(self, request: web.Request) -> web.StreamResponse:
         behaviour = request.match_info["behaviour"]
         self.events[f"request:{behaviour}"] += 1
+        self.headers.append({name.lower(): value for name, value in request.headers.items()})
         try:
             return await self._behave(behaviour, request.match_info["rest"], request)
         except asyncio.CancelledError:
@@ -89,6 +99,10 @@ class FakeOrigin:
         if behaviour == "stall":
             seconds, _, rest = rest.partition("/")
             await asyncio.sleep(float(seconds))
+            behaviour = "ok"
+        if behaviour == "hold":
+            self.holding.set()
+            await self._gate.wait()
             behaviour = "ok"
         if behaviour == "redirect":
             count, _, key = rest.partition("/")

@@ -1,31 +1,42 @@
-"""Which origin serves a request: the configured one, a bucket override, or a dynamic host.
+"""Which origin serves a request: by key prefix, the configured one, a bucket override, or
+a dynamic host.
 
-``Origins`` owns every origin the service talks to: the default (EDGE_ORIGIN), the S3
-bucket overrides ``bucket=`` may name (EDGE_BUCKETS_ALLOWED), and a bounded set of
-dynamic HTTP origins ``origin=`` may name (EDGE_ALLOW_DYNAMIC_ORIGIN, EDGE_HOSTS_ALLOWED),
-each behind the SSRF guard. Host and bucket policy is decided here, before any
-connection; the address policy is enforced later, at connect time, by the guard.
-Every origin handed out has its own secret-free ``identity`` for cache keys.
+``Origins`` owns every origin the service talks to: the origins by key prefix
+(EDGE_ORIGINS_FILE, each with its own timeout, headers and circuit breaker), the default
+(EDGE_ORIGIN, for keys under no prefix), the S3 bucket overrides ``bucket=`` may name
+(EDGE_BUCKETS_ALLOWED), and a bounded set of dynamic HTTP origins ``origin=`` may name
+(EDGE_ALLOW_DYNAMIC_ORIGIN, EDGE_HOSTS_ALLOWED), each behind the SSRF guard. Host and
+bucket policy is decided here, before any connection; the address policy is enforced
+later, at connect time, by the guard. Every origin handed out has its own secret-free
+``identity`` for cache keys.
 """
 
 from __future__ import annotations
 
 import asyncio
 import re
+import time
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from ipaddress import ip_address
 from urllib.parse import urlsplit
 
-from edge.errors import BucketNotAllowed, DynamicOriginDisabled, HostNotAllowed, InvalidParameter
+from edge.errors import (
+    BadKey,
+    BucketNotAllowed,
+    DynamicOriginDisabled,
+    HostNotAllowed,
+    InvalidParameter,
+)
 from edge.metrics import Metrics
 from edge.origins.base import Origin
+from edge.origins.breaker import BreakerState, CircuitBreaker, Clock, NamedOrigin
 from edge.origins.file import FileOrigin
 from edge.origins.http import POOL_SIZE, HttpOrigin
 from edge.origins.netguard import GuardedConnector, host_of
 from edge.origins.s3 import S3Origin
-from edge.settings import Settings
+from edge.settings import OriginConfig, Settings
 
 #: dynamic origins kept open at once; the least recently used one is closed beyond this
 DYNAMIC_ORIGINS_KEPT = 64
@@ -66,6 +77,45 @@ async def open_configured_origin(settings: Settings, metrics: Metrics) -> Origin
             connect_timeout=settings.backend_connect_timeout,
         )
     return open_origin(url, metrics, allow_private_addresses=settings.allow_private_addresses)
+
+
+async def open_named_origin(
+    config: OriginConfig, settings: Settings, metrics: Metrics, clock: Clock = time.monotonic
+) -> NamedOrigin:
+    """The backend for one EDGE_ORIGINS_FILE entry, behind its timeout, headers and breaker.
+
+    An S3 entry without its own endpoint or region uses EDGE_S3_ENDPOINT_URL and
+    EDGE_S3_REGION. The breaker drives edge_origin_circuit_open{origin=<name>}.
+    """
+    if config.url.startswith("s3:"):
+        inner: Origin = await S3Origin.open(
+            config.url,
+            metrics,
+            endpoint_url=config.s3_endpoint_url or settings.s3_endpoint_url,
+            region=config.s3_region or settings.s3_region,
+            connect_timeout=settings.backend_connect_timeout,
+        )
+    else:
+        inner = open_origin(
+            config.url, metrics, allow_private_addresses=settings.allow_private_addresses
+        )
+    gauge = metrics.origin_circuit_open.labels(origin=config.name)
+    gauge.set(0)
+    breaker = CircuitBreaker(
+        config.name,
+        failures=config.breaker.failures,
+        cooldown=config.breaker.cooldown,
+        clock=clock,
+        on_change=lambda is_open: gauge.set(1 if is_open else 0),
+    )
+    return NamedOrigin(
+        config.name,
+        config.prefix,
+        inner,
+        breaker,
+        timeout=config.timeout,
+        headers=dict(config.headers),
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,30 +205,87 @@ def _is_ip(host: str) -> bool:
 class Origins:
     """The origins a request may be served from, and their lifetimes.
 
-    ``select`` decides policy synchronously; call it inside the running loop (dynamic
-    origins open their client session there). ``close`` closes everything it opened,
-    including the default origin.
+    ``route`` and ``select`` decide policy synchronously; call them inside the running
+    loop (dynamic origins open their client session there). ``close`` closes everything
+    it opened, including the default origin and the origins by prefix.
     """
 
-    def __init__(self, default: Origin, settings: Settings, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        default: Origin,
+        settings: Settings,
+        metrics: Metrics,
+        named: Sequence[NamedOrigin] = (),
+    ) -> None:
         self._default = default
         self._settings = settings
         self._metrics = metrics
+        #: longest prefix first, so the first match is the longest
+        self._named = tuple(sorted(named, key=lambda origin: len(origin.prefix), reverse=True))
         self._buckets: dict[str, S3Origin] = {}
+        self._named_buckets: dict[tuple[str, str], NamedOrigin] = {}
         self._dynamic: OrderedDict[str, HttpOrigin] = OrderedDict()
         self._retiring: dict[HttpOrigin, asyncio.Task[None]] = {}
+        for origin in self._named:
+            is_open = origin.breaker.state is not BreakerState.CLOSED
+            metrics.origin_circuit_open.labels(origin=origin.name).set(1 if is_open else 0)
 
     @classmethod
     async def from_settings(
-        cls, settings: Settings, metrics: Metrics, default: Origin | None = None
+        cls,
+        settings: Settings,
+        metrics: Metrics,
+        default: Origin | None = None,
+        *,
+        clock: Clock = time.monotonic,
     ) -> Origins:
-        """Open EDGE_ORIGIN (unless ``default`` is given) and route around it."""
+        """Open EDGE_ORIGIN (unless ``default`` is given) and every EDGE_ORIGINS_FILE entry;
+        ``clock`` drives the circuit breakers (tests pass their own)."""
         origin = default if default is not None else await open_configured_origin(settings, metrics)
-        return cls(origin, settings, metrics)
+        named: list[NamedOrigin] = []
+        try:
+            for config in settings.origins_file:
+                named.append(await open_named_origin(config, settings, metrics, clock))
+        except BaseException:
+            for opened in named:
+                await opened.close()
+            if default is None:
+                await origin.close()
+            raise
+        return cls(origin, settings, metrics, named)
 
     @property
     def default(self) -> Origin:
         return self._default
+
+    @property
+    def named(self) -> tuple[NamedOrigin, ...]:
+        """The origins by key prefix, longest prefix first."""
+        return self._named
+
+    def route(
+        self, key: str, origin_param: str | None, bucket_param: str | None
+    ) -> tuple[Origin, str]:
+        """The origin for a request and the key to fetch from it.
+
+        ``origin=`` names its host outright: the key goes there whole. Otherwise the
+        EDGE_ORIGINS_FILE entry with the longest prefix of the key serves it, asked for
+        the key without that prefix (``bucket=`` then swaps the bucket of that entry's
+        S3 origin); a key under no prefix goes to EDGE_ORIGIN as ``select`` decides.
+        Raises what ``select`` raises, and BadKey when nothing is left of the key once
+        the prefix is stripped.
+        """
+        if origin_param is None:
+            for named in self._named:
+                if key.startswith(named.prefix):
+                    rest = key[len(named.prefix) :]
+                    if not rest:
+                        raise BadKey(
+                            "the key names only an origin's prefix",
+                            detail=f"origin {named.name!r}, prefix {named.prefix!r}",
+                        )
+                    return self._named_bucket(named, bucket_param), rest
+        return self.select(origin_param, bucket_param), key
 
     def select(self, origin_param: str | None, bucket_param: str | None) -> Origin:
         """The origin for a request's ``origin=`` and ``bucket=`` (None: not given).
@@ -196,6 +303,9 @@ class Origins:
         return self._default
 
     async def close(self) -> None:
+        for named in self._named:
+            await named.close()  # bucket overrides borrow its client: nothing more to close
+        self._named_buckets.clear()
         dynamic = list(self._dynamic.values())
         self._dynamic.clear()
         for origin, task in list(self._retiring.items()):
@@ -253,14 +363,33 @@ class Origins:
         default = self._default
         if not isinstance(default, S3Origin):
             raise BucketNotAllowed("bucket= applies only to s3 origins")
-        if bucket not in self._settings.buckets_allowed:
-            raise BucketNotAllowed(
-                "the bucket is not allowed",
-                detail=f"bucket {bucket!r} is not in EDGE_BUCKETS_ALLOWED",
-            )
+        self._check_bucket(bucket)
         if bucket == default.bucket:
             return default
         origin = self._buckets.get(bucket)
         if origin is None:
             origin = self._buckets[bucket] = default.for_bucket(bucket)
         return origin
+
+    def _named_bucket(self, named: NamedOrigin, bucket: str | None) -> NamedOrigin:
+        """An origin by prefix, or its ``bucket=`` override (same client and breaker)."""
+        if bucket is None:
+            return named
+        inner = named.inner
+        if not isinstance(inner, S3Origin):
+            raise BucketNotAllowed("bucket= applies only to s3 origins")
+        self._check_bucket(bucket)
+        if bucket == inner.bucket:
+            return named
+        override = self._named_buckets.get((named.name, bucket))
+        if override is None:
+            override = named.sharing(inner.for_bucket(bucket))
+            self._named_buckets[named.name, bucket] = override
+        return override
+
+    def _check_bucket(self, bucket: str) -> None:
+        if bucket not in self._settings.buckets_allowed:
+            raise BucketNotAllowed(
+                "the bucket is not allowed",
+                detail=f"bucket {bucket!r} is not in EDGE_BUCKETS_ALLOWED",
+            )

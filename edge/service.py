@@ -181,9 +181,9 @@ class Service:
         return reply
 
     async def purge(self, key: str) -> int:
-        """Drop every cached variant of ``key`` (default origin) from every tier here."""
-        origin = self.origins.default
-        return await self.cache.purge(self.cache.object_prefix(origin.identity, key))
+        """Drop every cached variant of ``key`` (routed like a request) from every tier."""
+        origin, routed = self.origins.route(key, None, None)
+        return await self.cache.purge(self.cache.object_prefix(origin.identity, routed))
 
     async def _handle(self, incoming: Incoming) -> Reply:
         if self.settings.signing_keys:
@@ -191,7 +191,8 @@ class Service:
             verify(incoming.raw_path, incoming.raw_query, self.settings.signing_keys)
         key = incoming.key = parse_key(incoming.raw_path)
         request = incoming.request = parse_query(incoming.query, self.policy)
-        origin = incoming.origin = self.origins.select(request.origin, request.bucket)
+        origin, key = self.origins.route(key, request.origin, request.bucket)
+        incoming.origin = origin
         if request.backend_timeout is not None:
             incoming.deadline.shorten_to(request.backend_timeout)
         if request.is_original:
@@ -471,7 +472,8 @@ class Service:
         name = self.settings.error_image
         if name and name != "generated":
             deadline = Deadline.after(self.settings.backend_timeout)
-            fetched = await self._fetch(self.origins.default, name, deadline, "startup")
+            origin, routed = self.origins.route(name, None, None)
+            fetched = await self._fetch(origin, routed, deadline, "startup")
             await self._probe(fetched.data)  # an unreadable error image is a start-up error too
             self._error_image_bytes = fetched.data
 
@@ -531,8 +533,13 @@ class Service:
         incoming: Incoming,
         deadline: Deadline,
     ) -> Reply:
-        origin = incoming.origin or self.origins.default
-        fetched = await self._fetch(origin, default_key, deadline, incoming.request_id)
+        if incoming.origin is not None and incoming.request is not None:
+            # the request's own origin/bucket, with the default key routed like any key
+            request = incoming.request
+            origin, routed = self.origins.route(default_key, request.origin, request.bucket)
+        else:
+            origin, routed = self.origins.route(default_key, None, None)
+        fetched = await self._fetch(origin, routed, deadline, incoming.request_id)
         accepted = accepted_formats(incoming.headers.get("Accept"))
         output, _ = await self._image(fetched.data, spec, accepted, deadline)
         return self._stand_in_reply(error, output.body, output.format)

@@ -633,15 +633,6 @@ def test_gauge_changes_are_reported() -> None:
 
 
 # --- over HTTP -----------------------------------------------------------------------------
-# The tests marked NEEDS_ROUTE go through Service, which must pick origins with
-# Origins.route(); until it does they are expected to fail (strict: once routing is
-# wired in they pass, and the marker must go).
-
-NEEDS_ROUTE = pytest.mark.xfail(
-    reason="needs Origins.route() in Service._handle instead of Origins.select()", strict=True
-)
-
-
 def http_entries(fake: FakeOrigin) -> list[dict[str, Any]]:
     return [
         entry(name="media", prefix="media/", url=f"{fake.url}ok/", headers={"X-Api-Key": "k1"}),
@@ -672,7 +663,6 @@ async def test_gauges_are_exported_at_zero_from_start(
     assert "127.0.0.1" not in text.split("edge_origin_circuit_open", 1)[1].split("\n# ")[0]
 
 
-@NEEDS_ROUTE
 async def test_http_prefix_routing_headers_and_fallback(
     aiohttp_client: Any, tmp_path: Path, fake: FakeOrigin
 ) -> None:
@@ -686,7 +676,6 @@ async def test_http_prefix_routing_headers_and_fallback(
     assert fake.events["request:ok"] == 1
 
 
-@NEEDS_ROUTE
 async def test_http_origin_timeout_is_504(
     aiohttp_client: Any, tmp_path: Path, fake: FakeOrigin
 ) -> None:
@@ -698,7 +687,6 @@ async def test_http_origin_timeout_is_504(
     assert await metric(client, "edge_backend_timeouts_total", stage="fetch") == 1
 
 
-@NEEDS_ROUTE
 async def test_http_breaker_opens_answers_503_and_closes_after_a_probe(
     aiohttp_client: Any, tmp_path: Path, fake: FakeOrigin
 ) -> None:

@@ -99,7 +99,7 @@ def parameter(draw: st.DrawFn) -> str:
 def query_and_headers(draw: st.DrawFn) -> tuple[str, str, dict[str, str]]:
     key = draw(st.sampled_from(KEYS))
     pairs: list[str] = draw(st.lists(parameter(), max_size=6))
-    if pairs and draw(st.booleans()):
+    if draw(st.booleans()) and pairs:
         pairs.append(draw(st.sampled_from(pairs)))  # a duplicate, verbatim
     separator = draw(st.sampled_from(["&", "&", ";", "&&"]))
     headers: dict[str, str] = {}

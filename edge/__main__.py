@@ -15,7 +15,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from edge import logs
+from edge import logs, tracing
 from edge.settings import Settings, SettingsError, load_settings, reference_table
 from edge.signing import signed_url
 from edge.workers import MULTIPROC_ENV, WorkerRole, die_with_supervisor, supervise
@@ -78,7 +78,7 @@ def serve(settings: Settings) -> int:
     from edge.app import run_server
 
     _install_uvloop()
-    asyncio.run(run_server(settings))
+    asyncio.run(run_server(settings, tracing=tracing.from_environ(os.environ)))
     return 0
 
 
@@ -95,7 +95,7 @@ def _worker(settings: Settings, index: int, ready_fd: int | None, supervisor: in
     logs.configure(settings.log_level, settings.log_format)
     _install_uvloop()
     role = WorkerRole(index, settings.workers, metrics_dir, ready_fd)
-    asyncio.run(run_server(settings, worker=role))
+    asyncio.run(run_server(settings, worker=role, tracing=tracing.from_environ(os.environ)))
     return 0
 
 

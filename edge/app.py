@@ -24,6 +24,7 @@ import time
 import traceback
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from urllib.parse import quote
 
@@ -49,6 +50,7 @@ from edge.params import ReqFormat, parse_key
 from edge.responses import error_body
 from edge.service import Incoming, Reply, Service
 from edge.settings import Settings
+from edge.tracing import Tracing
 from edge.workers import WorkerRole
 
 log = logging.getLogger("edge")
@@ -57,6 +59,7 @@ SETTINGS = web.AppKey("settings", Settings)
 METRICS = web.AppKey("metrics", Metrics)
 SERVICE = web.AppKey("service", Service)
 WORKER = web.AppKey("worker", WorkerRole)  # set only in a worker of EDGE_WORKERS > 1
+TRACING = web.AppKey("tracing", Tracing)
 DEADLINE = web.RequestKey("deadline", Deadline)
 REQUEST_ID = web.RequestKey("request_id", str)
 REPLY = web.RequestKey("reply", Reply)
@@ -108,11 +111,15 @@ def create_app(
     registry: CollectorRegistry | None = None,
     origin: Origin | None = None,
     cache_clock: Callable[[], float] | None = None,
+    tracing: Tracing | None = None,
 ) -> web.Application:
     """Build the application; ``origin`` and ``registry`` default to the settings' own,
-    ``cache_clock`` to wall-clock time (tests pass their own to age entries)."""
+    ``cache_clock`` to wall-clock time (tests pass their own to age entries); ``tracing``
+    (``edge.tracing.from_environ``) is off unless given."""
     app = web.Application(middlewares=[outcome_middleware], client_max_size=1024)
     app[SETTINGS] = settings
+    if tracing is not None:
+        app[TRACING] = tracing
     app[METRICS] = Metrics(registry if registry is not None else _default_registry())
     app[STATE] = AppState()
     app.cleanup_ctx.append(_service_context(origin, cache_clock or time.time))
@@ -159,6 +166,7 @@ def _service_context(
         metrics.memory_limit.set(memory_limit)
         service = app[SERVICE] = Service(
             settings,
+            tracing=app.get(TRACING),
             origins=origins,
             cache=cache,
             admission=admission,
@@ -208,7 +216,9 @@ async def _memory_watch(app: web.Application) -> AsyncIterator[None]:
     await asyncio.gather(task, return_exceptions=True)
 
 
-async def run_server(settings: Settings, *, worker: WorkerRole | None = None) -> None:
+async def run_server(
+    settings: Settings, *, worker: WorkerRole | None = None, tracing: Tracing | None = None
+) -> None:
     """Serve until SIGTERM/SIGINT; then readyz turns 503, the listener closes, and
     in-flight requests get EDGE_SHUTDOWN_GRACE seconds to finish before cleanup.
 
@@ -217,7 +227,7 @@ async def run_server(settings: Settings, *, worker: WorkerRole | None = None) ->
     reports every worker; EDGE_METRICS_PORT is then the supervisor's. In single-process
     mode EDGE_METRICS_PORT is a second site here."""
     registry = SharedRegistry(worker.metrics_dir) if worker else None
-    app = create_app(settings, registry=registry)
+    app = create_app(settings, registry=registry, tracing=tracing)
     if worker:
         app[WORKER] = worker
     runner = web.AppRunner(
@@ -255,6 +265,8 @@ async def run_server(settings: Settings, *, worker: WorkerRole | None = None) ->
     await runner.cleanup()
     if metrics_runner is not None:  # scrapes keep working while the main site drains
         await metrics_runner.cleanup()
+    if tracing is not None:
+        tracing.shutdown()  # flush the spans still batched
 
 
 async def _metrics_site(metrics: Metrics, host: str, port: int) -> web.AppRunner:
@@ -288,10 +300,15 @@ async def outcome_middleware(
     request[DEADLINE] = deadline
     request[REQUEST_ID] = request_id
     entry = RequestLog()
+    tracing = app.get(TRACING)
+    if tracing is not None:
+        deadline.observer = tracing.stage_span
     metrics.inflight.inc()
+    span = tracing.request_span("edge", request.headers) if tracing else nullcontext()
     try:
-        response = await _respond(request, handler, entry)
-        await _send(request, response, deadline, entry)
+        with span:
+            response = await _respond(request, handler, entry)
+            await _send(request, response, deadline, entry)
         return response
     except asyncio.CancelledError:
         _client_closed(entry, deadline)
@@ -363,7 +380,8 @@ def _account(request: web.Request, entry: RequestLog, deadline: Deadline) -> Non
     metrics.requests.labels(code=str(entry.status), outcome=entry.outcome).inc()
     metrics.request_duration.labels(outcome=entry.outcome).observe(duration)
     for stage, seconds in deadline.spent.items():
-        if stage in ("queue", "fetch", "transform", "cache_get", "cache_set"):
+        # cache_get and cache_set are observed by the cache itself (sets run after sending)
+        if stage in ("queue", "fetch", "transform"):
             metrics.stage_duration.labels(stage=stage).observe(seconds)
     if entry.outcome == "client_closed":
         metrics.client_disconnects.labels(stage=entry.label or "fetch").inc()

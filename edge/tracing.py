@@ -2,8 +2,9 @@
 
 Installed with the ``otel`` extra (``pip install edge[otel]``) and configured only by the
 standard OTEL_* variables: tracing is on when OTEL_TRACES_EXPORTER or an OTLP endpoint is
-set and OTEL_SDK_DISABLED is not true. Otherwise ``from_environ`` returns None, nothing
-from opentelemetry is imported, and every hook here costs one ``is None`` check.
+set and OTEL_SDK_DISABLED is not true. Otherwise ``from_environ`` returns None, edge
+imports nothing from opentelemetry, and every hook costs one ``is None`` check. (Some
+libraries, redis-py among them, import opentelemetry on their own when it is installed.)
 """
 
 from __future__ import annotations
@@ -67,9 +68,16 @@ def from_environ(environ: Mapping[str, str]) -> Tracing | None:
         return None
     if not any(environ.get(name) for name in _ENABLING):
         return None
-    if importlib.util.find_spec("opentelemetry.sdk") is None:
+    if not _installed("opentelemetry.sdk"):
         return None
     return Tracing(_provider_from(environ))
+
+
+def _installed(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):  # a parent package missing or blocked
+        return False
 
 
 def _provider_from(environ: Mapping[str, str]) -> Any:

@@ -17,7 +17,7 @@ import math
 import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from contextlib import asynccontextmanager, suppress
+from contextlib import asynccontextmanager, nullcontext, suppress
 from dataclasses import dataclass
 from typing import Literal, NamedTuple, TypeVar
 
@@ -173,10 +173,12 @@ class ResultCache:
         if not self._tiers:
             return None
         begun = time.perf_counter()
+        timed = deadline.stage("cache_get") if deadline is not None else nullcontext()
         try:
-            return await self._look_up(key)
+            with timed:  # the request's record of the stage (and its tracing span)
+                return await self._look_up(key)
         finally:
-            self._observe("cache_get", time.perf_counter() - begun, deadline)
+            self._observe("cache_get", time.perf_counter() - begun, None)
 
     async def _look_up(self, key: str) -> Lookup | None:
         stale: tuple[Lookup, bytes, Tier] | None = None

@@ -505,8 +505,11 @@ async def _index_variant(tier: Tier, key: str, ttl: float | int) -> None:
     with another writer's ``add`` loses one name, which only makes that variant live out
     its ttl). The index lives as long as the newest variant could.
     """
+    head, colon, _ = key.rpartition(":")
+    if not colon:
+        return  # not a key made by cache_key(): no object to index it under
     client = tier.backend.client
-    prefix = key[: key.rindex(":") + 1]
+    prefix = head + colon
     index, line = _variant_index(prefix).encode(), key.encode() + b"\n"
     if await client.append(index, line):
         await client.touch(index, int(ttl))  # the index outlives its newest variant

@@ -11,7 +11,8 @@ requests itself:
   a port already taken fails at once, EDGE_PORT=0 picks one port for every worker, and
   no other program can take the port while a worker is being replaced.
 - It creates a fresh, empty prometheus_client multi-process directory in the temporary
-  directory (TMPDIR) and removes it on exit (see ``edge.metrics``).
+  directory (TMPDIR) and removes it on exit (see ``edge.metrics``); one left behind by
+  a supervisor that was killed is removed at the next start.
 - It starts N fresh interpreters (``python -m edge worker``; never a fork, so libvips'
   threads and an event loop are never copied half-alive). Each binds the same address
   with SO_REUSEPORT and the kernel spreads new connections over them (Linux). Worker
@@ -28,7 +29,7 @@ requests itself:
 - SIGTERM or SIGINT is forwarded to every worker as SIGTERM; each drains like a single
   process does (readyz 503, EDGE_SHUTDOWN_GRACE). The supervisor exits 0 when every
   worker exited cleanly, else 1; a worker still running ``KILL_MARGIN`` seconds after
-  the grace is killed.
+  twice the grace (requests, then after-response work) is killed.
 - EDGE_METRICS_PORT is served by the supervisor itself, so scrapes never wait behind
   image work and keep working while workers are replaced. Without it, ``/metrics`` on
   the main port is answered by whichever worker gets the connection, aggregated.
@@ -53,6 +54,7 @@ import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from urllib.parse import urlsplit
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
@@ -63,6 +65,7 @@ from edge.settings import Settings
 log = logging.getLogger("edge.workers")
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+METRICS_DIR_PREFIX = "edge-metrics-"
 READY = b"R"
 STABLE_AFTER = 10.0
 FIRST_BACKOFF = 0.5
@@ -129,6 +132,16 @@ class Supervisor:
         self._killer: asyncio.Task[None] | None = None
 
     async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, self._stop, signum)
+        try:
+            return await self._run()
+        finally:
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(signum)
+
+    async def _run(self) -> int:
         settings = self.settings
         if settings.max_concurrency is not None and settings.max_concurrency < settings.workers:
             log.warning(
@@ -142,7 +155,7 @@ class Supervisor:
         except OSError as exc:
             return _refuse(f"cannot listen on {settings.host}:{settings.port}: {exc}")
         self.port = reservation.getsockname()[1]
-        self.metrics_dir = tempfile.mkdtemp(prefix="edge-metrics-")
+        self.metrics_dir = _fresh_metrics_dir()
         metrics_server: _MetricsServer | None = None
         try:
             if settings.metrics_port is not None:
@@ -160,9 +173,6 @@ class Supervisor:
             reservation.close()
 
     async def _supervise(self) -> int:
-        loop = asyncio.get_running_loop()
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(signum, self._stop, signum)
         log.info(
             "edge supervisor (pid %d) starting %d workers on %s:%s",
             os.getpid(),
@@ -180,8 +190,6 @@ class Supervisor:
                 self._stop(None)
         if self._killer is not None:
             self._killer.cancel()
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.remove_signal_handler(signum)
         log.info("edge supervisor: every worker has exited%s", "" if clean else " (not cleanly)")
         return 0 if clean else 1
 
@@ -191,7 +199,15 @@ class Supervisor:
         first, failures = True, 0
         while not self._stopping.is_set():
             started = loop.time()
-            process, ready = await self._start(index)
+            try:
+                process, ready = await self._start(index)
+            except OSError:
+                log.exception("worker %d could not be started", index)
+                if first:
+                    raise BootFailure from None
+                failures += 1
+                await self._pause(_backoff(failures))
+                continue
             if await ready:
                 log.info("worker %d ready (pid %d)", index, process.pid)
             code = await process.wait()
@@ -209,7 +225,7 @@ class Supervisor:
                 raise BootFailure
             first = False
             failures = 0 if lived >= STABLE_AFTER else failures + 1
-            delay = 0.0 if failures == 0 else min(MAX_BACKOFF, FIRST_BACKOFF * 2 ** (failures - 1))
+            delay = _backoff(failures)
             log.error(
                 "worker %d (pid %d) %s after %.1f s; starting a replacement in %.1f s",
                 index,
@@ -218,10 +234,14 @@ class Supervisor:
                 lived,
                 delay,
             )
-            if delay:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._stopping.wait(), delay)
+            await self._pause(delay)
         return True
+
+    async def _pause(self, seconds: float) -> None:
+        """Wait ``seconds`` before a restart, or less if the service is stopping."""
+        if seconds > 0:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), seconds)
 
     async def _start(self, index: int) -> tuple[asyncio.subprocess.Process, asyncio.Future[bool]]:
         read_fd, write_fd = os.pipe()
@@ -266,7 +286,8 @@ class Supervisor:
         self._killer = asyncio.create_task(self._kill_late())
 
     async def _kill_late(self) -> None:
-        await asyncio.sleep(self.settings.shutdown_grace + KILL_MARGIN)
+        # A worker may take the grace twice: for requests, then for after-response work.
+        await asyncio.sleep(2 * self.settings.shutdown_grace + KILL_MARGIN)
         for index, process in self._running.items():
             if process.returncode is None:
                 log.error("worker %d (pid %d) did not stop in time: killing it", index, process.pid)
@@ -284,6 +305,33 @@ async def _read_ready(fd: int) -> bool:
         return await reader.read(1) == READY
     finally:
         transport.close()
+
+
+def _backoff(failures: int) -> float:
+    """Seconds before the next start after ``failures`` short-lived workers in a row."""
+    return 0.0 if failures == 0 else min(MAX_BACKOFF, FIRST_BACKOFF * 2 ** (failures - 1))
+
+
+def _fresh_metrics_dir() -> str:
+    """A new, empty directory for this supervisor's metric files.
+
+    Directories left by supervisors that were killed (SIGKILL, OOM) are removed first:
+    those whose pid is gone, or is this process's own (a restarted container)."""
+    for old in Path(tempfile.gettempdir()).glob(f"{METRICS_DIR_PREFIX}*-*"):
+        owner = old.name.removeprefix(METRICS_DIR_PREFIX).split("-", 1)[0]
+        if owner.isdigit() and (int(owner) == os.getpid() or not _alive(int(owner))):
+            shutil.rmtree(old, ignore_errors=True)
+    return tempfile.mkdtemp(prefix=f"{METRICS_DIR_PREFIX}{os.getpid()}-")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def _refuse(problem: str) -> int:

@@ -268,11 +268,20 @@ def test_workers_share_the_port_aggregate_metrics_and_are_replaced(
 
 @pytest.mark.slow
 def test_metrics_port_with_workers_is_served_by_the_supervisor(
-    start: Callable[..., Edge],
+    start: Callable[..., Edge], tmp_path: Path
 ) -> None:
     metrics_port = free_port()
+    # Left by a supervisor that was killed (no such pid), and one still in use (ours).
+    stale, in_use = (
+        tmp_path / "edge-metrics-999999999-x",
+        tmp_path / f"edge-metrics-{os.getpid()}-y",
+    )
+    stale.mkdir()
+    in_use.mkdir()
     edge = start(EDGE_WORKERS="2", EDGE_METRICS_PORT=str(metrics_port))
     wait_until(lambda: len(edge.ready_workers()) == 2, "two workers ready")
+    assert not stale.exists()
+    assert in_use.exists()
     for _ in range(12):
         assert get(edge.port, IMAGE)[0] == 200
         assert get(edge.port, "/metrics")[0] == 404
@@ -282,6 +291,7 @@ def test_metrics_port_with_workers_is_served_by_the_supervisor(
     assert not [name for name, _ in found if name.startswith("process_")]
     assert get(metrics_port, "/")[0] == 404
     assert edge.stop() == 0
+    assert [p.name for p in tmp_path.glob("edge-metrics-*")] == [in_use.name]
 
 
 def test_metrics_port_in_a_single_process(start: Callable[..., Edge]) -> None:

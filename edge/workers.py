@@ -246,15 +246,11 @@ class Supervisor:
     async def _start(self, index: int) -> tuple[asyncio.subprocess.Process, asyncio.Future[bool]]:
         read_fd, write_fd = os.pipe()
         env = {**self.environ, "EDGE_PORT": str(self.port), MULTIPROC_ENV: self.metrics_dir}
-        argv = ["worker", "--index", str(index), "--ready-fd", str(write_fd)]
+        argv = [sys.executable, "-m", "edge", "worker", "--index", str(index)]
+        argv += ["--ready-fd", str(write_fd), "--supervisor", str(os.getpid())]
         try:
             process = await asyncio.create_subprocess_exec(
-                sys.executable,
-                "-m",
-                "edge",
                 *argv,
-                "--supervisor",
-                str(os.getpid()),
                 env=env,
                 stdin=asyncio.subprocess.DEVNULL,
                 pass_fds=(write_fd,),

@@ -696,7 +696,12 @@ VARS: tuple[EnvVar, ...] = (
         cache_tiers,
         "cache tiers: `memory`, `redis://host:port/db`, `memcached://host:port`, or `none`",
     ),
-    EnvVar("EDGE_CACHE_MEMORY_BYTES", "268435456", byte_size, "bound of the in-process cache tier"),
+    EnvVar(
+        "EDGE_CACHE_MEMORY_BYTES",
+        "268435456",
+        byte_size,
+        "bound of the in-process cache tier, per worker",
+    ),
     EnvVar("EDGE_CACHE_TTL", "86400", integer(1), "seconds a cached result is fresh"),
     EnvVar(
         "EDGE_CACHE_STALE_TTL",

@@ -114,6 +114,12 @@ class Metrics:
             ["tier", "result"],
             registry=registry,
         )
+        self.cache_skipped = Counter(
+            "edge_cache_skipped_total",
+            "Results not written to a tier because they are over its item size limit.",
+            ["tier"],
+            registry=registry,
+        )
         self.coalesced = Counter(
             "edge_coalesced_requests",
             "Requests that joined an identical in-flight miss.",
@@ -193,6 +199,7 @@ class Metrics:
         for kind in ORIGIN_KINDS:
             self.origin_bytes.labels(kind=kind)
         for tier in CACHE_TIERS:
+            self.cache_skipped.labels(tier=tier)
             for result in CACHE_RESULTS:
                 self.cache_requests.labels(tier=tier, result=result)
         for fmt in FORMATS:

@@ -74,6 +74,8 @@ async def test_an_oversize_item_is_skipped_not_an_error(
     assert await make_cache().get("big") is None
     assert counted(metrics, "memcached", "miss") == 1
     assert counted(metrics, "memcached", "error") == 0
+    skipped = metrics.registry.get_sample_value("edge_cache_skipped_total", {"tier": "memcached"})
+    assert skipped == 1
 
 
 async def test_an_item_the_server_refuses_is_an_error_and_the_tier_recovers(

@@ -107,6 +107,9 @@ class ResultCache:
             for tier in self._tiers
             for result in ("hit", "miss", "stale", "error")
         }
+        self._skipped = {
+            tier.name: metrics.cache_skipped.labels(tier=tier.name) for tier in self._tiers
+        }
         self._timers = {
             stage: metrics.stage_duration.labels(stage=stage)
             for stage in ("cache_get", "cache_set")
@@ -272,6 +275,7 @@ class ResultCache:
     async def _write(self, tier: Tier, key: str, raw: bytes, life: float) -> SetResult:
         if tier.max_item_bytes is not None and len(raw) > tier.max_item_bytes:
             log.debug("not caching %s in %s: %d bytes is over its limit", key, tier.name, len(raw))
+            self._skipped[tier.name].inc()
             return "skipped"
         ttl = tier.ttl_for(life, self._clock())
         try:

@@ -1219,16 +1219,34 @@ def _libvips_message(error: pyvips.Error) -> str:
 #: error images: dark grey text on light grey
 _ERROR_BACKGROUND: Final = 238
 _ERROR_INK: Final = 51
+#: the largest error image drawn (1024x1024). Any failed request can ask for one, so its
+#: size is the attacker's to choose: 8192x8192 as AVIF took 20 s and 1 GB, and 1920x1280
+#: (AVIF or GIF) 1.5 s; this many pixels take half a second at worst. Larger requests get
+#: the plain error.
+ERROR_IMAGE_MAX_PIXELS: Final = 1024 * 1024
 
 
 def render_error_image(
-    title: str, message: str, width: int, height: int, fmt: OutputFormat, quality: int | None
+    title: str,
+    message: str,
+    width: int,
+    height: int,
+    fmt: OutputFormat,
+    quality: int | None,
+    *,
+    max_pixels: int = ERROR_IMAGE_MAX_PIXELS,
 ) -> bytes:
     """A light-grey ``width`` x ``height`` image saying ``title`` and ``message``.
 
     The text is sized to fit (libvips picks the resolution); a box too small for any
-    text is left plain. Raises EdgeError if libvips cannot make it.
+    text is left plain. Raises EdgeError if libvips cannot make it, or if it would have
+    more than ``max_pixels``.
     """
+    if width * height > max_pixels:
+        raise EdgeError(
+            "the error image would be too large",
+            detail=f"{width}x{height}; at most {max_pixels} pixels are drawn",
+        )
     try:
         canvas = _error_canvas(title, message, width, height)
         return _encode(canvas, fmt, quality, TransformSpec())
@@ -1261,7 +1279,9 @@ def rasterise_svg(data: bytes, limits: Limits, kill: KillSwitch | None = None) -
     """
     if sniff(data) != "svg":
         raise UndecodableImage("not an SVG image")
-    probe(data, limits)
+    info = probe(data, limits)
+    # the PNG is an output like any other: the output limits hold for it too
+    _check_output_limits((info.width, info.height), 1, limits)
     guard = _Guard(kill or KillSwitch())
     guard.check()
     try:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import functools
+import math
 import re
 import struct
 import tempfile
@@ -27,7 +28,8 @@ import pyvips
 from pyvips import vips_lib
 
 from edge import imaging
-from edge.errors import SourceTooLarge, UndecodableImage
+from edge.errors import EdgeError, SourceTooLarge, UndecodableImage
+from edge.params import OutputFormat
 from tests.conftest import SHARED_IMAGES
 from tests.fake_origin import FakeOrigin
 from tests.helpers import decode, metric, start_edge
@@ -807,3 +809,47 @@ def test_svg_reference_counting() -> None:
     deep = svg("<g>" * 300 + "</g>" * 300)
     with pytest.raises(UndecodableImage):
         imaging.probe(deep, LIMITS)
+
+
+# --------------------------------------------------------------------------- costly outputs
+
+
+async def test_a_huge_error_image_is_not_drawn(aiohttp_client: Any, origin: FakeOrigin) -> None:
+    """Any failing request names the error image's size and format: 8192x8192 AVIF took
+    20 s and 1 GB to draw. Past ERROR_IMAGE_MAX_PIXELS the plain error is sent instead."""
+    client = await start_edge(
+        aiohttp_client,
+        {"EDGE_ORIGIN": origin.url, "EDGE_CACHE": "none", "EDGE_ERROR_IMAGE": "generated"},
+    )
+    assert (await client.get(f"/ok/{SAMPLE}?width=50")).status == 200  # warm up
+    query = "width=8192&height=8192&format=avif&bogus=1"
+    answer = await serve(client, origin, "photo.jpg", honest("jpeg"), query)
+    assert_refused(answer, "bogus", cache_control="public, max-age=60")
+    assert "X-Edge-Error" not in answer.headers
+    # a modest one is still drawn
+    answer = await serve(client, origin, "photo.jpg", honest("jpeg"), "width=300&bogus=1")
+    assert answer.status == 200
+    assert answer.headers["X-Edge-Error"] == "bad_request"
+
+
+def test_render_error_image_refuses_past_its_pixel_budget() -> None:
+    started = time.monotonic()
+    with pytest.raises(EdgeError, match="too large"):
+        imaging.render_error_image("Bad Request", "x", 8192, 8192, OutputFormat.AVIF, None)
+    assert time.monotonic() - started < 0.1
+    side = math.isqrt(imaging.ERROR_IMAGE_MAX_PIXELS)
+    body = imaging.render_error_image("Bad Request", "x", side, side, OutputFormat.JPEG, None)
+    assert decode(body).width == side
+
+
+async def test_an_svg_original_is_held_to_the_output_limits(
+    aiohttp_client: Any, origin: FakeOrigin
+) -> None:
+    """An original request rasterises the SVG at its own size: 7000x7000 (under the source
+    pixel limit) made a 49 Mpx PNG, past EDGE_MAX_OUTPUT_PIXELS, outside any admission."""
+    client = await edge_for(aiohttp_client, origin, SVG_FORMATS)
+    big = svg('<circle cx="50" cy="50" r="40" fill="red"/>', width=7000, height=7000)
+    answer = await serve(client, origin, "big.svg", big, "")
+    assert_refused(answer, "40000000", cache_control="public, max-age=60")
+    fine = svg('<circle cx="50" cy="50" r="40" fill="red"/>', width=1000, height=1000)
+    assert (await serve(client, origin, "fine.svg", fine, "")).status == 200

@@ -406,6 +406,37 @@ async def test_truncated_grid_avif_is_not_served_as_grey_tiles(
     assert_refused(answer, "truncated")
 
 
+def jpeg_scans(data: bytes) -> list[tuple[int, int]]:
+    """(offset, length) of each SOS segment with its entropy-coded data."""
+    scans, pos = [], 2
+    while data[pos + 1] != 0xD9:
+        end = pos + 2 + struct.unpack_from(">H", data, pos + 2)[0]
+        if data[pos + 1] == 0xDA:
+            # the coded data runs to the next marker that is not a stuffed 0xFF00 or RSTn
+            end = data.index(b"\xff", end)
+            while data[end + 1] == 0 or 0xD0 <= data[end + 1] <= 0xD7:
+                end = data.index(b"\xff", end + 2)
+            scans.append((pos, end - pos))
+        pos = end
+    return scans
+
+
+async def test_a_progressive_jpeg_with_thousands_of_scans_is_refused(
+    edge: Any, origin: FakeOrigin
+) -> None:
+    """Every extra progressive scan costs a pass over the whole image in libjpeg."""
+    progressive = pyvips.Image.new_from_file(str(SAMPLES["jpeg"])).jpegsave_buffer(
+        interlace=True, Q=50
+    )
+    offset, length = min(jpeg_scans(progressive), key=lambda scan: scan[1])
+    end = progressive.rindex(b"\xff\xd9")
+    bomb = progressive[:end] + progressive[offset : offset + length] * 5000 + b"\xff\xd9"
+    for query in ("width=100", "width=1920"):
+        answer = await serve(edge, origin, "scan-bomb.jpg", bomb, query)
+        assert_refused(answer, "could not be decoded")
+    await still_serving(edge)
+
+
 @pytest.mark.parametrize(
     ("chunk", "expected"),
     [(b"IHDR", 400), (b"IDAT", 400), (b"IEND", 200)],

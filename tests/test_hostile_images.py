@@ -103,6 +103,15 @@ def avif_claiming(width: int, height: int) -> bytes:
     return bytes(data)
 
 
+def avif_images(count: int) -> bytes:
+    """An AVIF holding ``count`` 16x16 images (libheif caps the items it will read)."""
+    image = pyvips.Image.black(16, 16 * count, bands=3).linear(1, 90).cast("uchar")
+    image = image.copy(interpretation="srgb")
+    image.set_type(pyvips.GValue.gint_type, "page-height", 16)
+    data: bytes = image.heifsave_buffer(compression="av1", effort=0)
+    return data
+
+
 def gif(frames: int, screen: tuple[int, int] = (1, 1), frame: tuple[int, int] = (1, 1)) -> bytes:
     """An animated GIF of ``frames`` frames, each one pixel of LZW data in a frame box."""
     out = bytearray(b"GIF89a" + struct.pack("<HHBBB", *screen, 0x80, 0, 0))
@@ -306,6 +315,7 @@ FLOODS: dict[str, tuple[Callable[[], bytes], str]] = {
     "png-ihdr-65536": (lambda: png_claiming(65536, 65536), "65536x65536"),
     "avif-ispe-17000": (lambda: avif_claiming(17000, 17000), "17000x17000"),
     "avif-ispe-100000": (lambda: avif_claiming(100000, 100000), "100000x100000"),
+    "avif-200-images": (lambda: avif_images(200), "header could not be read"),
     "gif-frame-65535-in-1x1-screen": (lambda: gif(1, (1, 1), (65535, 65535)), "65535x65535"),
     "gif-20000-frames": (lambda: gif(20000), "too many frames"),
     "webp-20000-frames": (lambda: webp_frames(20000), "too many frames"),

@@ -26,6 +26,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from typing import Any
 from urllib.parse import quote
 
 from aiohttp import web
@@ -73,6 +74,8 @@ _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 CLIENT_HINTS = "Sec-CH-DPR, Sec-CH-Width"
 TIMING_STAGES = ("cache_get", "revalidate", "fetch", "queue", "transform")
 RSS_INTERVAL = 1.0
+#: seconds a cancelled request gets to unwind at shutdown
+CANCEL_WAIT = 1.0
 TRIM_EVERY = 30
 
 
@@ -82,12 +85,26 @@ class AppState:
 
     ready: bool = True
     background: set[asyncio.Task[None]] = field(default_factory=set)
+    #: handler tasks of requests being served, for the shutdown drain
+    serving: set[asyncio.Task[Any]] = field(default_factory=set)
 
     def spawn(self, work: Awaitable[None]) -> None:
         """Run ``work`` after the response, keeping a reference until it ends."""
         task = asyncio.ensure_future(work)
         self.background.add(task)
         task.add_done_callback(self.background.discard)
+
+    async def drain(self, grace: float) -> int:
+        """Wait up to ``grace`` seconds for requests being served; cancel the rest (their
+        fetches and pipelines stop as for a client that left). How many were cancelled."""
+        if self.serving:
+            await asyncio.wait(set(self.serving), timeout=grace)
+        leftover = set(self.serving)
+        for task in leftover:
+            task.cancel()
+        if leftover:
+            await asyncio.wait(leftover, timeout=CANCEL_WAIT)
+        return len(leftover)
 
 
 STATE = web.AppKey("state", AppState)
@@ -234,7 +251,8 @@ async def run_server(
         app,
         access_log=None,
         handler_cancellation=True,
-        shutdown_timeout=settings.shutdown_grace,
+        # requests were drained already (AppState.drain); this only closes idle connections
+        shutdown_timeout=CANCEL_WAIT,
     )
     await runner.setup()
     site = web.TCPSite(
@@ -262,6 +280,10 @@ async def run_server(
     await stop.wait()
     app[STATE].ready = False
     log.info("shutting down: draining in-flight requests for up to %ss", settings.shutdown_grace)
+    await site.stop()  # no new connections; the ones open finish their requests
+    cancelled = await app[STATE].drain(settings.shutdown_grace)
+    if cancelled:
+        log.warning("shutdown: %d requests outlived EDGE_SHUTDOWN_GRACE and were cut", cancelled)
     await runner.cleanup()
     if metrics_runner is not None:  # scrapes keep working while the main site drains
         await metrics_runner.cleanup()
@@ -305,6 +327,9 @@ async def outcome_middleware(
         deadline.observer = tracing.stage_span
     metrics.inflight.inc()
     span = tracing.request_span("edge", request.headers) if tracing else nullcontext()
+    serving, task = app[STATE].serving, asyncio.current_task()
+    if task is not None:
+        serving.add(task)
     try:
         with span:
             response = await _respond(request, handler, entry)
@@ -314,6 +339,7 @@ async def outcome_middleware(
         _client_closed(entry, deadline)
         raise
     finally:
+        serving.discard(task)
         metrics.inflight.dec()
         _account(request, entry, deadline)
 

@@ -313,8 +313,15 @@ async def _metrics_site(metrics: Metrics, host: str, port: int) -> web.AppRunner
 async def outcome_middleware(
     request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
 ) -> web.StreamResponse:
-    if request.path in RESERVED:
-        return await handler(request)
+    if request.path in RESERVED:  # not requests of the pipeline: not counted or logged
+        always = {**SECURITY_HEADERS, "X-Request-Id": _request_id(request)}
+        try:
+            response = await handler(request)
+        except web.HTTPException as exc:  # e.g. POST /healthz
+            exc.headers.update(always)
+            raise
+        response.headers.update(always)
+        return response
     app = request.app
     settings, metrics = app[SETTINGS], app[METRICS]
     request_id = _request_id(request)
@@ -354,10 +361,10 @@ async def _respond(
         response = await handler(request)
     except EdgeError as error:
         return _error_response(request, error, entry)
-    except web.HTTPException as exc:
+    except web.HTTPException as exc:  # routing: 405 for other methods, and the like
         entry.status, entry.outcome = exc.status, _outcome_for_status(exc.status)
-        exc.headers.update(SECURITY_HEADERS)
-        return exc
+        headers = {**exc.headers, **_common_headers(request), "Cache-Control": "no-store"}
+        return web.Response(status=exc.status, body=exc.body, headers=headers)
     except (asyncio.CancelledError, KeyboardInterrupt, SystemExit):
         raise
     except Exception:

@@ -225,11 +225,6 @@ async def test_operator_paths_answer_through_the_middleware(edge: Any) -> None:
         assert response.headers[name] == value
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="reserved paths skip the middleware (no X-Request-Id; /metrics has no security "
-    "headers at all) and HTTPException answers get no X-Request-Id",
-)
 @pytest.mark.parametrize(("method", "path"), ROUTING + RESERVED)
 async def test_every_answer_has_a_request_id_and_the_security_headers(
     edge: Any, method: str, path: str

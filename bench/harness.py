@@ -313,7 +313,11 @@ class Server:
         log = self.log_path.open("wb")
         self.process = subprocess.Popen(
             self.argv,
-            env={**os.environ, **self.env},
+            # the caller's own EDGE_* settings never leak into a measurement
+            env={
+                **{k: v for k, v in os.environ.items() if not k.startswith("EDGE_")},
+                **self.env,
+            },
             cwd=self.cwd,
             stdout=log,
             stderr=subprocess.STDOUT,

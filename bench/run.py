@@ -270,7 +270,7 @@ class Measured:
             rate,
             f"{self.p50_ms:.1f}",
             "" if self.p99_ms is None else f"{self.p99_ms:.1f}",
-            f"{self.cpu_ms:.1f}",
+            f"{self.cpu_ms:.3g}",
             f"{self.others:.0f}",
             self.note,
         ]
@@ -505,7 +505,7 @@ def w2_measure(
     run: Run, server: Server, path_for: Callable[[str, str], list[str]]
 ) -> dict[tuple[str, str], tuple[float | None, int, str]]:
     """req/s, body bytes and any problem for each (input, output) pair."""
-    seconds = max(5.0, run.seconds / 2)
+    seconds = max(4.0, run.seconds / 2)
     found: dict[tuple[str, str], tuple[float | None, int, str]] = {}
     for fmt_in in W2_INPUTS:
         for fmt_out in W2_OUTPUTS:
@@ -614,7 +614,7 @@ def run_peers(
                 peer.server.stop()
     section.notes.append(
         f"edge and each peer are measured in alternation, best of {rounds} round(s) each; "
-        "the edge rows here are from these sessions, not from the W1 table"
+        "the edge rows here come from these paired runs, not from the W1 table"
     )
     section.notes.append(
         "thumbor: --processes = cores, file loader, no storage, no result storage, "
@@ -780,6 +780,9 @@ def run_w4(run: Run) -> None:
     queue = str(run.args.w4_queue)
     paths = w1_paths(run)
     capacity = run.w1_edge_rps
+    if run.args.w4_rate:
+        capacity = run.args.w4_rate / 4
+        section.notes.append(f"offered rate fixed by --w4-rate at {run.args.w4_rate:.1f} req/s")
     if capacity is None:
         log("W4: measuring W1 capacity first ...")
         with edge_server("edge-w4-capacity", {"EDGE_CACHE": "none"}) as edge:
@@ -1117,7 +1120,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--only", default=",".join(WORKLOADS), help=f"comma list of {', '.join(WORKLOADS)}"
     )
-    parser.add_argument("--seconds", type=float, default=10.0, help="per measurement")
+    parser.add_argument("--seconds", type=float, default=8.0, help="per measurement")
     parser.add_argument(
         "--rounds", type=int, default=2, help="interleaved rounds of W1 and W3 (best kept)"
     )
@@ -1126,6 +1129,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--hit-connections", type=int, default=8, help="W3 connections")
     parser.add_argument("--python-load", action="store_true", help="do not use wrk")
     parser.add_argument("--w4-queue", type=int, default=2, help="EDGE_QUEUE_SIZE in W4")
+    parser.add_argument(
+        "--w4-rate", type=float, help="W4 arrival rate (default: 4 x the W1 rate just measured)"
+    )
     parser.add_argument("--w5-limit-mib", type=int, default=600)
     parser.add_argument("--w5-rounds", type=int, default=1)
     parser.add_argument("--w5-settle", type=float, default=5.0)

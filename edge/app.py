@@ -74,6 +74,8 @@ _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 CLIENT_HINTS = "Sec-CH-DPR, Sec-CH-Width"
 TIMING_STAGES = ("cache_get", "revalidate", "fetch", "queue", "transform")
 RSS_INTERVAL = 1.0
+#: seconds a connection may stay open without completing a request
+KEEPALIVE_TIMEOUT = 75.0
 #: seconds a cancelled request gets to unwind at shutdown
 CANCEL_WAIT = 1.0
 TRIM_EVERY = 30
@@ -253,6 +255,9 @@ async def run_server(
         handler_cancellation=True,
         # requests were drained already (AppState.drain); this only closes idle connections
         shutdown_timeout=CANCEL_WAIT,
+        # aiohttp has no header-read timeout; this bounds a connection that never
+        # completes a request (slowloris) as well as an idle keep-alive one
+        keepalive_timeout=KEEPALIVE_TIMEOUT,
     )
     await runner.setup()
     site = web.TCPSite(

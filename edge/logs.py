@@ -10,6 +10,8 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
+from aiohttp.http_exceptions import HttpProcessingError
+
 ACCESS = logging.getLogger("edge.access")
 _SIGNATURE = re.compile(r"(?i)((?:^|[?&])(?:s|sig)=)[^&]*")
 
@@ -38,9 +40,23 @@ class TextFormatter(logging.Formatter):
         return super().format(record)
 
 
+class DropMalformedRequests(logging.Filter):
+    """aiohttp logs every unparsable request with a traceback at ERROR: a client could
+    flood the log. The parser has already answered 400; one line without it is enough."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if isinstance(error, HttpProcessingError):
+            record.exc_info, record.exc_text = None, None
+            record.msg, record.args = "malformed request refused: %s", (error.message,)
+            record.levelno, record.levelname = logging.INFO, "INFO"
+        return True
+
+
 def configure(level: str, fmt: str) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    handler.addFilter(DropMalformedRequests())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

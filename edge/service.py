@@ -386,9 +386,15 @@ class Service:
                     detail=f"key {key!r}",
                 ) from exc
 
-    async def _probe(self, data: bytes) -> imaging.SourceInfo:
-        # Header parsing can touch the whole file (GIF frame counts): off the event loop.
-        return await asyncio.to_thread(imaging.probe, data, self.limits)
+    async def _probe(self, data: bytes, deadline: Deadline) -> imaging.SourceInfo:
+        # Header parsing can touch the whole file (GIF frame counts): off the event loop,
+        # and bounded by the budget (the thread cannot be killed, but we stop waiting).
+        probing = asyncio.ensure_future(asyncio.to_thread(imaging.probe, data, self.limits))
+        try:
+            return await asyncio.wait_for(asyncio.shield(probing), deadline.remaining())
+        except TimeoutError:
+            probing.add_done_callback(lambda done: done.cancelled() or done.exception())
+            raise TransformTimeout("the time budget ran out reading the image header") from None
 
     async def _render(
         self,
@@ -426,7 +432,7 @@ class Service:
         kill: KillSwitch | None = None,
     ) -> tuple[imaging.Output, imaging.Plan]:
         """Probe, plan, admit and transform ``data`` as ``spec`` asks."""
-        info = await self._probe(data)
+        info = await self._probe(data, deadline)
         plan = imaging.plan(
             info,
             spec,
@@ -474,7 +480,7 @@ class Service:
             deadline = Deadline.after(self.settings.backend_timeout)
             origin, routed = self.origins.route(name, None, None)
             fetched = await self._fetch(origin, routed, deadline, "startup")
-            await self._probe(fetched.data)  # an unreadable error image is a start-up error too
+            await self._probe(fetched.data, deadline)  # unreadable: a start-up error too
             self._error_image_bytes = fetched.data
 
     async def _stand_in(self, error: EdgeError, incoming: Incoming) -> Reply | None:
@@ -614,10 +620,13 @@ class Service:
         if sniffed not in self.settings.allowed_input_formats:
             raise FormatNotAllowed(f"{sniffed} originals are not allowed on this service")
         if sniffed == "svg":
-            data = await asyncio.to_thread(imaging.rasterise_svg, fetched.data, self.limits)
+            # Never passed through: rasterised at its own size by the whole pipeline, so
+            # admission, the output limits and the kill switch apply as for any transform.
+            spec = TransformSpec(format=OutputFormat.PNG)
+            output, _ = await self._image(fetched.data, spec, frozenset(), incoming.deadline)
             headers = self._success_headers(None, fetched.last_modified)
-            headers["Content-Type"] = "image/png"
-            return Reply(200, data, headers, format_label="png", cache="miss")
+            headers["Content-Type"] = output.format.content_type
+            return Reply(200, output.body, headers, format_label="png", cache="miss")
         headers = self._success_headers(fetched.etag, fetched.last_modified)
         if etag_matches(incoming.headers.get("If-None-Match"), fetched.etag):
             return Reply(304, b"", headers, outcome="not_modified")
@@ -639,7 +648,7 @@ class Service:
         self, origin: Origin, key: str, request: ImageRequest, incoming: Incoming
     ) -> Reply:
         fetched = await self._fetch(origin, key, incoming.deadline, incoming.request_id)
-        info = await self._probe(fetched.data)
+        info = await self._probe(fetched.data, incoming.deadline)
         props: dict[str, PropValue] = {
             "image.width": info.upright_width,
             "image.height": info.upright_height,

@@ -74,6 +74,18 @@ class Admission:
     def waiting(self) -> int:
         return len(self._waiters)
 
+    def shed_if_full(self) -> None:
+        """Refuse at once (QueueFull) when no slot is free and the queue is full.
+
+        Called before a miss fetches its original: under overload a request that could
+        only be refused at admission would first spend a fetch and a header probe, in
+        threads competing with the transforms, and its 503 would come late.
+        """
+        if self._free == 0 and len(self._waiters) >= self.queue_size:
+            raise QueueFull(
+                "too many transforms waiting", detail=f"EDGE_QUEUE_SIZE={self.queue_size}"
+            )
+
     async def admit(self, reserve: int, deadline: Deadline) -> Ticket:
         """Wait (FIFO, until the deadline) for a slot, then reserve ``reserve`` bytes."""
         self._check_memory(reserve)

@@ -429,6 +429,8 @@ def _account(request: web.Request, entry: RequestLog, deadline: Deadline) -> Non
         metrics.backend_timeouts.labels(stage=entry.label or "fetch").inc()
     if entry.bytes:
         metrics.response_bytes.labels(format=entry.format_label).inc(entry.bytes)
+    if not ACCESS.isEnabledFor(logging.INFO):
+        return  # EDGE_LOG_LEVEL=warning: the line would be built for nothing
     fields = {
         "request_id": request[REQUEST_ID],
         "method": request.method,

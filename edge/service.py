@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import functools
 import logging
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -64,6 +65,8 @@ log = logging.getLogger("edge")
 
 #: seconds a default or error image may take, apart from the failed request's budget
 STAND_IN_BUDGET = 3.0
+#: distinct query strings whose parse is remembered
+PARSED_QUERIES = 4096
 #: share of the remaining budget spent waiting for another process's fill of a cold key
 FILL_LOCK_SHARE = 0.5
 #: side of a generated error image when the request named no size
@@ -153,6 +156,8 @@ class Service:
         self.pool = pool
         self.metrics = metrics
         self.policy = ParamPolicy.from_settings(settings)
+        # Parsing is pure and hot (every hit): the same query string is parsed once.
+        self._parse = functools.lru_cache(maxsize=PARSED_QUERIES)(self._parse_query)
         #: EDGE_ERROR_IMAGE's bytes when it names an origin key (see load_error_image)
         self._error_image_bytes: bytes | None = None
         self.limits = imaging.Limits(
@@ -162,6 +167,9 @@ class Service:
             max_output_dimension=settings.max_output_dimension,
             max_output_pixels=settings.max_output_pixels,
         )
+
+    def _parse_query(self, pairs: tuple[tuple[str, str], ...]) -> ImageRequest:
+        return parse_query(pairs, self.policy)
 
     async def handle(self, incoming: Incoming) -> Reply:
         """The reply for one request; failures raise, unless an image stands in for them."""
@@ -190,7 +198,7 @@ class Service:
             # Checked first: an unsigned request learns nothing, not even a 400.
             verify(incoming.raw_path, incoming.raw_query, self.settings.signing_keys)
         key = incoming.key = parse_key(incoming.raw_path)
-        request = incoming.request = parse_query(incoming.query, self.policy)
+        request = incoming.request = self._parse(tuple(incoming.query))
         origin, key = self.origins.route(key, request.origin, request.bucket)
         incoming.origin = origin
         if request.backend_timeout is not None:
@@ -241,6 +249,8 @@ class Service:
                     reply = self._entry_reply(renewed, incoming, hints, "hit")
                     reply.after = Produced(renewed, {}, self.cache, cache_key).store
                     return reply
+            if cache_key not in self.flights:  # joining work in flight costs nothing
+                self.admission.shed_if_full()
             produced = await self._produce(cache_key, origin, key, request, accepted, incoming)
         except (BadGateway, Timeout, Overloaded) as failure:
             if lookup is None or lookup.entry.status != 200:

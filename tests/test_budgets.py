@@ -166,6 +166,8 @@ async def test_full_queue_sheds_at_once_with_retry_after(
     assert response.headers["Retry-After"].isdigit()
     assert response.headers["Cache-Control"] == "no-store"
     assert await metric(client, "edge_load_shed_total", reason="queue_full") == 1
+    # refused before fetching: only the slow request reached the origin
+    assert origin.events["request:ok"] == 1
     # health checks are never shed, and stay fast while every slot is busy
     started = time.monotonic()
     assert (await client.get("/healthz")).status == 200

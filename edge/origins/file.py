@@ -27,6 +27,7 @@ class FileOrigin:
 
     def __init__(self, root: Path, metrics: Metrics) -> None:
         self._root = root.resolve(strict=True)
+        self._identity = self._root.as_uri()
         self._metrics = metrics
 
     @classmethod
@@ -35,7 +36,7 @@ class FileOrigin:
 
     @property
     def identity(self) -> str:
-        return self._root.as_uri()
+        return self._identity
 
     async def fetch(self, key: str, options: FetchOptions) -> Fetched:
         try:

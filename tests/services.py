@@ -48,9 +48,18 @@ class Service:
         self.process.wait(timeout=STARTUP_SECONDS)
 
     def pause(self) -> None:
-        """Freeze the server (SIGSTOP): connections stay open but nothing answers."""
+        """Freeze the server (SIGSTOP): connections stay open but nothing answers.
+
+        Returns once the kernel reports the process stopped: the signal is delivered
+        asynchronously, and a request sent before that could still be answered."""
         self.process.send_signal(signal.SIGSTOP)
         self._paused = True
+        stat = Path(f"/proc/{self.process.pid}/stat")
+        give_up = time.monotonic() + STARTUP_SECONDS
+        while stat.read_text().rsplit(")", 1)[1].split()[0] not in ("T", "t"):
+            if time.monotonic() > give_up:
+                raise RuntimeError("the server did not stop on SIGSTOP")
+            time.sleep(0.001)
 
     def resume(self) -> None:
         if self._paused and self.process.poll() is None:

@@ -223,3 +223,39 @@ async def test_memory_over_the_limit_sheds_with_503_memory(
     # originals need no transform and are never shed for memory
     assert (await client.get("/ok/flowers-1920x1080.jpg")).status == 200
     await assert_invariants(client)
+
+
+async def test_client_gone_while_sending_is_499_send(
+    aiohttp_client: Any, origin: FakeOrigin
+) -> None:
+    client = await edge(aiohttp_client, origin, EDGE_CACHE="memory")
+    # a large body, cached first so the second request's only stage is sending
+    path = "/ok/photo-2725x2225.jpg?width=5000&upscale=1&format=png"
+    warm = await client.get(path)
+    assert warm.status == 200
+    assert len(await warm.read()) > 10_000_000
+    reader, writer = await asyncio.open_connection("127.0.0.1", client.port)
+    writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    await writer.drain()
+    await reader.readuntil(b"\r\n\r\n")  # headers arrived: the body is being sent
+    writer.transport.abort()  # hang up mid-body
+    await wait_for_metric(client, "edge_client_disconnects_total", 1, stage="send")
+    await settled(client)
+    await assert_invariants(client)
+
+
+async def test_cache_hits_are_served_while_every_slot_and_the_queue_are_full(
+    aiohttp_client: Any, origin: FakeOrigin
+) -> None:
+    client = await edge(
+        aiohttp_client, origin, EDGE_CACHE="memory", EDGE_MAX_CONCURRENCY="1", EDGE_QUEUE_SIZE="0"
+    )
+    hot = "/ok/flowers-1920x1080.jpg?w=64"
+    assert (await client.get(hot)).status == 200
+    slow = asyncio.create_task(client.get("/" + SLOW + "&backendTimeout=2"))
+    await wait_for_metric(client, "edge_transforms_in_progress", 1)
+    assert (await client.get("/ok/flowers-1920x1080.jpg?w=65")).status == 503  # a miss: shed
+    hit = await client.get(hot)
+    assert hit.status == 200
+    assert hit.headers["X-Edge-Cache"] == "hit"
+    await slow

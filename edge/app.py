@@ -382,6 +382,8 @@ async def _respond(
         entry.cache, entry.format_label = reply.cache, reply.format_label
         if reply.error is not None:  # an image stood in: count the failure it answers for
             entry.label = reply.error.label
+    else:  # operator endpoints answer plain responses
+        entry.status, entry.outcome = response.status, _outcome_for_status(response.status)
     return response
 
 
@@ -485,7 +487,10 @@ def _requested_format(request: web.Request) -> ReqFormat:
 
 
 def _outcome_for_status(status: int) -> str:
+    if status < 300:
+        return "ok"
     return {
+        304: "not_modified",
         400: "bad_request",
         401: "unauthorized",
         403: "forbidden",

@@ -268,3 +268,26 @@ async def test_one_json_access_log_line_per_request(
     assert second["outcome"] == "not_found"
     for line in lines:
         assert {"time", "request_id", "method", "path", "duration_ms", "stages_ms"} <= set(line)
+
+
+@pytest.mark.parametrize(
+    ("path", "code"),
+    [
+        ("ok/flowers-1920x1080.jpg?w=20", "200"),
+        ("reset/photo-2725x2225.jpg?w=20", "error"),
+        ("status/500/x.jpg?w=20", "500"),
+        ("stall/5/x.jpg?w=20&backendTimeout=0.2", "cancelled"),
+    ],
+)
+async def test_each_origin_fetch_is_counted_once_as_it_ended(
+    via_http: Any, path: str, code: str
+) -> None:
+    await via_http.get("/" + path)
+    text = await (await via_http.get("/metrics")).text()
+    counted = {
+        line.split('code="')[1].split('"')[0]: float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("edge_origin_requests_total{code=")
+        or (line.startswith("edge_origin_requests_total{") and 'kind="http"' in line)
+    }
+    assert counted == {code: 1.0}

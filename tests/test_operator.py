@@ -103,3 +103,13 @@ async def test_stats_report_what_a_soak_watches(aiohttp_client: Any) -> None:
     assert stats["open_fds"] > 0
     assert stats["rss_bytes"] > 10_000_000
     assert stats["transforms_in_progress"] == 0
+
+
+async def test_operator_calls_are_counted_as_what_they_were(aiohttp_client: Any) -> None:
+    client = await start_edge(aiohttp_client, {"EDGE_ADMIN_TOKEN": TOKEN})
+    assert (await client.get("/_edge/stats", headers=AUTH)).status == 200
+    assert (await client.get("/_edge/stats")).status == 401
+    text = await (await client.get("/metrics")).text()
+    assert 'edge_requests_total{code="200",outcome="ok"} 1.0' in text
+    assert 'edge_requests_total{code="401",outcome="unauthorized"} 1.0' in text
+    assert 'edge_requests_total{code="500",outcome="internal_error"} 0.0' in text

@@ -77,20 +77,28 @@ class HttpOrigin:
         if options.if_modified_since:
             headers["If-Modified-Since"] = options.if_modified_since
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=options.connect_timeout)
+        # Counted once, when the fetch ends: the status only once the body is complete
+        # (or refused by status), so a body cut short is an error and a fetch the budget
+        # or the client abandoned is "cancelled", not a 200.
+        code = "cancelled"
         try:
             async with self._session.get(
                 url, headers=headers, timeout=timeout, max_redirects=MAX_REDIRECTS
             ) as response:
-                self._count(str(response.status))
+                status = str(response.status)
                 if response.status == 304 and (options.if_none_match or options.if_modified_since):
+                    code = status
                     return Fetched(
                         data=b"",
                         etag=response.headers.get("ETag") or options.if_none_match,
                         last_modified=response.headers.get("Last-Modified"),
                         not_modified=True,
                     )
-                _raise_for_status(response.status, response.headers, key)
+                if response.status != 200:
+                    code = status
+                    _raise_for_status(response.status, response.headers, key)
                 data = await self._read_body(response, options.max_bytes)
+                code = status
                 return Fetched(
                     data=data,
                     etag=response.headers.get("ETag"),
@@ -98,22 +106,26 @@ class HttpOrigin:
                     content_type=response.headers.get("Content-Type"),
                 )
         except EdgeError:
+            if code == "cancelled":  # refused while reading the body (too large)
+                code = "error"
             raise
         except (aiohttp.ConnectionTimeoutError, aiohttp.SocketTimeoutError) as exc:
-            self._count("timeout")
+            code = "timeout"
             raise FetchTimeout("the origin did not answer in time", detail=str(exc)) from exc
         except aiohttp.ClientConnectorError as exc:
             if isinstance(exc.os_error, AddressRefusedError):
-                self._count("refused")
+                code = "refused"
                 raise _refused(exc.os_error) from exc
-            self._count("error")
+            code = "error"
             raise _unreachable(exc) from exc
         except aiohttp.TooManyRedirects as exc:
-            self._count("error")
+            code = "error"
             raise OriginFailed("the origin redirected too many times") from exc
         except (aiohttp.ClientError, OSError) as exc:
-            self._count("error")
+            code = "error"
             raise _unreachable(exc) from exc
+        finally:
+            self._count(code)
 
     async def _read_body(self, response: aiohttp.ClientResponse, max_bytes: int) -> bytes:
         declared = response.content_length

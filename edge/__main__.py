@@ -15,16 +15,20 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from edge import logs, tracing
+from edge import logs, system, tracing
 from edge.settings import Settings, SettingsError, load_settings, reference_table
 from edge.signing import signed_url
 from edge.workers import MULTIPROC_ENV, WorkerRole, die_with_supervisor, supervise
 
+#: glibc malloc arenas when MALLOC_ARENA_MAX is not set (the container preloads jemalloc)
+MALLOC_ARENAS = 2
 TABLE_BEGIN = "<!-- settings-table:begin -->"
 TABLE_END = "<!-- settings-table:end -->"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # Before pyvips loads and any thread starts: see system.cap_malloc_arenas.
+    system.cap_malloc_arenas(MALLOC_ARENAS)
     parser = argparse.ArgumentParser(prog="edge", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command")
     commands.add_parser("serve", help="run the service (the default)")

@@ -57,6 +57,9 @@ def configure(level: str, fmt: str) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     handler.addFilter(DropMalformedRequests())
+    # LogRecords would otherwise register every libvips thread that logs a warning as a
+    # Python _DummyThread, never removed; no line here prints thread names anyway.
+    logging.logThreads = False
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

@@ -82,6 +82,32 @@ def _read(path: Path) -> str | None:
         return None
 
 
+def thread_count() -> int:
+    """OS threads of this process (Python's count keeps foreign threads forever)."""
+    for line in (_read(Path("/proc/self/status")) or "").splitlines():
+        if line.startswith("Threads:"):
+            return int(line.split()[1])
+    return 0
+
+
+#: glibc's mallopt parameter number for the arena cap
+_M_ARENA_MAX = -8
+
+
+def cap_malloc_arenas(arenas: int) -> bool:
+    """Cap glibc's malloc arenas (as MALLOC_ARENA_MAX does), unless the environment set it.
+
+    libvips frees large buffers from many threads; glibc keeps them in up to 8 arenas per
+    core, so RSS under load creeps far above what is live. Must run before threads
+    start. A no-op (False) without glibc, or under jemalloc's preload.
+    """
+    if os.environ.get("MALLOC_ARENA_MAX"):
+        return False
+    name = ctypes.util.find_library("c")
+    mallopt = getattr(ctypes.CDLL(name), "mallopt", None) if name else None
+    return bool(mallopt and mallopt(_M_ARENA_MAX, arenas))
+
+
 class Trimmer:
     """glibc's malloc_trim, when this libc has it: hands freed arenas back to the kernel.
 

@@ -29,6 +29,8 @@ from typing import Any
 from urllib.parse import quote
 
 from aiohttp import web
+from aiohttp.web_protocol import RequestHandler
+from aiohttp.web_server import Server
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     GC_COLLECTOR,
@@ -250,7 +252,7 @@ async def run_server(
     app = create_app(settings, registry=registry, tracing=tracing)
     if worker:
         app[WORKER] = worker
-    runner = web.AppRunner(
+    runner = _Runner(
         app,
         access_log=None,
         handler_cancellation=True,
@@ -295,6 +297,40 @@ async def run_server(
         await metrics_runner.cleanup()
     if tracing is not None:
         tracing.shutdown()  # flush the spans still batched
+
+
+class _HeaderedRequestHandler(RequestHandler):
+    """aiohttp answers a request it cannot parse (bad request line, oversized headers)
+    before any of edge's code runs; this gives those answers the headers every response
+    carries (DESIGN.md section 5) too."""
+
+    def handle_error(
+        self,
+        request: web.BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        response = super().handle_error(request, status, exc, message)
+        response.headers.update(SECURITY_HEADERS)
+        response.headers.setdefault("X-Request-Id", uuid.uuid4().hex)
+        return response
+
+
+class _HeaderedServer(Server):
+    def __call__(self) -> RequestHandler:
+        return _HeaderedRequestHandler(self, loop=self._loop, **self._kwargs)
+
+
+class _Runner(web.AppRunner):
+    """An AppRunner whose connections use ``_HeaderedRequestHandler``."""
+
+    async def _make_server(self) -> Server:
+        server = await super()._make_server()
+        # aiohttp builds its Server inside the application; only the class that makes
+        # connection handlers differs, so the instance is adopted rather than rebuilt.
+        server.__class__ = _HeaderedServer
+        return server
 
 
 async def _metrics_site(metrics: Metrics, host: str, port: int) -> web.AppRunner:

@@ -247,3 +247,26 @@ async def test_a_request_outliving_the_grace_does_not_hold_the_exit(
     await wait_for(lambda: origin.events["cancelled"] == 1, 5, "the origin fetch was not cancelled")
     # edge drains for the grace, then cuts what is left: the exit follows the grace
     assert exited_after < edge.grace + 2
+
+
+async def test_requests_the_parser_refuses_carry_the_contract_headers(
+    spawn: Any, origin: FakeOrigin
+) -> None:
+    """aiohttp answers these before edge's code runs; the server edge runs adds the
+    headers every response carries (checked on the real `python -m edge` server)."""
+    edge = await spawn(grace=2)
+    for payload in (
+        b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\nHost: x\r\n\r\n",
+        b"\x16\x03\x01junk\r\n\r\n",
+    ):
+        reader, writer = await asyncio.open_connection("127.0.0.1", edge.port)
+        writer.write(payload)
+        await writer.drain()
+        head = (await asyncio.wait_for(reader.read(65536), 5)).decode("latin-1")
+        writer.close()
+        assert head.split("\r\n", 1)[0].endswith("400 Bad Request"), head[:80]
+        assert "X-Content-Type-Options: nosniff" in head
+        assert "Content-Security-Policy: default-src 'none'; sandbox" in head
+        assert "X-Request-Id: " in head
+    edge.terminate()
+    assert await edge.wait(within=edge.grace + 5) == 0

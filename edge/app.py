@@ -25,6 +25,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
@@ -113,6 +114,37 @@ class AppState:
 STATE = web.AppKey("state", AppState)
 
 
+class PurgeLog:
+    """Purges shared between the workers of one service: an append-only file of key
+    prefixes in the supervisor's directory. The worker that took a purge reaches the
+    shared tiers and its own memory; every other worker applies the line to its memory
+    tier on its next memory-watch tick (within a second)."""
+
+    def __init__(self, path: Path) -> None:
+        self._path = path
+        # start at the end: earlier purges concern entries this process never had
+        self._offset = path.stat().st_size if path.exists() else 0
+
+    def publish(self, prefix: str) -> None:
+        with self._path.open("ab") as log_file:
+            log_file.write(prefix.encode() + b"\n")  # one short write: atomic with O_APPEND
+
+    def read_new(self) -> list[str]:
+        """Prefixes published since the last call (complete lines only)."""
+        try:
+            with self._path.open("rb") as log_file:
+                log_file.seek(self._offset)
+                data = log_file.read()
+        except FileNotFoundError:
+            return []
+        complete = data[: data.rfind(b"\n") + 1]
+        self._offset += len(complete)
+        return [line.decode() for line in complete.split(b"\n") if line]
+
+
+PURGE_LOG = web.AppKey("purge_log", PurgeLog)
+
+
 @dataclass
 class RequestLog:
     """What the middleware learns about one request, for metrics and the access log."""
@@ -132,6 +164,7 @@ def create_app(
     origin: Origin | None = None,
     cache_clock: Callable[[], float] | None = None,
     tracing: Tracing | None = None,
+    purge_log: Path | None = None,
 ) -> web.Application:
     """Build the application; ``origin`` and ``registry`` default to the settings' own,
     ``cache_clock`` to wall-clock time (tests pass their own to age entries); ``tracing``
@@ -140,6 +173,8 @@ def create_app(
     app[SETTINGS] = settings
     if tracing is not None:
         app[TRACING] = tracing
+    if purge_log is not None:
+        app[PURGE_LOG] = PurgeLog(purge_log)
     app[METRICS] = Metrics(registry if registry is not None else _default_registry())
     app[STATE] = AppState()
     app.cleanup_ctx.append(_service_context(origin, cache_clock or time.time))
@@ -218,10 +253,15 @@ async def _memory_watch(app: web.Application) -> AsyncIterator[None]:
     role = app.get(WORKER)
     worker_rss = app[METRICS].worker_rss.labels(worker=str(role.index if role else 0))
 
+    broadcast, cache = app.get(PURGE_LOG), app[SERVICE].cache
+
     async def watch() -> None:
         trimmer, ticks = system.Trimmer(), 0
         admission = app[SERVICE].admission
         while True:
+            if broadcast is not None:  # purges other workers made, for our memory tier
+                for prefix in broadcast.read_new():
+                    cache.purge_memory(prefix)
             rss = system.resident_bytes()
             worker_rss.set(rss)
             admission.observe_rss(rss)
@@ -249,7 +289,8 @@ async def run_server(
     reports every worker; EDGE_METRICS_PORT is then the supervisor's. In single-process
     mode EDGE_METRICS_PORT is a second site here."""
     registry = SharedRegistry(worker.metrics_dir) if worker else None
-    app = create_app(settings, registry=registry, tracing=tracing)
+    purge_log = Path(worker.metrics_dir) / "purges.log" if worker else None
+    app = create_app(settings, registry=registry, tracing=tracing, purge_log=purge_log)
     if worker:
         app[WORKER] = worker
     runner = _Runner(
@@ -649,8 +690,11 @@ async def _purge(request: web.Request) -> web.Response:
     if not raw:
         raise InvalidParameter("key", "the object key to purge is required")
     key = parse_key("/" + quote(raw, safe="/"))
-    purged = await request.app[SERVICE].purge(key)
+    prefix, purged = await request.app[SERVICE].purge(key)
     log.info("purged %d cached variants of %r", purged, key)
+    broadcast = request.app.get(PURGE_LOG)
+    if broadcast is not None:
+        broadcast.publish(prefix)
     return _json_response(request, {"key": key, "purged": purged})
 
 

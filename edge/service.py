@@ -188,10 +188,12 @@ class Service:
             reply.headers["Surrogate-Key"] = reply.headers["Cache-Tag"] = tag
         return reply
 
-    async def purge(self, key: str) -> int:
-        """Drop every cached variant of ``key`` (routed like a request) from every tier."""
+    async def purge(self, key: str) -> tuple[str, int]:
+        """Drop every cached variant of ``key`` (routed like a request) from every tier
+        this process reaches; the variants' key prefix and how many were dropped."""
         origin, routed = self.origins.route(key, None, None)
-        return await self.cache.purge(self.cache.object_prefix(origin.identity, routed))
+        prefix = self.cache.object_prefix(origin.identity, routed)
+        return prefix, await self.cache.purge(prefix)
 
     async def _handle(self, incoming: Incoming) -> Reply:
         if self.settings.signing_keys:

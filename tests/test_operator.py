@@ -113,3 +113,31 @@ async def test_operator_calls_are_counted_as_what_they_were(aiohttp_client: Any)
     assert 'edge_requests_total{code="200",outcome="ok"} 1.0' in text
     assert 'edge_requests_total{code="401",outcome="unauthorized"} 1.0' in text
     assert 'edge_requests_total{code="500",outcome="internal_error"} 0.0' in text
+
+
+async def test_a_purge_reaches_the_memory_of_every_worker(
+    aiohttp_client: Any, tmp_path: Any
+) -> None:
+    """Two workers of one service share a purge log; each has its own memory tier."""
+    from prometheus_client import CollectorRegistry
+
+    from edge.app import create_app
+    from tests.helpers import settings_from
+
+    settings = settings_from({"EDGE_ADMIN_TOKEN": TOKEN})
+    log = tmp_path / "purges.log"
+    one, two = [
+        await aiohttp_client(create_app(settings, registry=CollectorRegistry(), purge_log=log))
+        for _ in range(2)
+    ]
+    for client in (one, two):
+        await warm(client, "photo-1200x980.jpg")
+    response = await one.post("/_edge/purge?key=photo-1200x980.jpg", headers=AUTH)
+    assert (await response.json())["purged"] == len(VARIANTS)
+    # the other worker drops its copies on its next memory-watch tick
+    give_up = asyncio.get_running_loop().time() + 5
+    while (await two.get(f"/photo-1200x980.jpg?{VARIANTS[0]}")).headers["X-Edge-Cache"] == "hit":
+        assert asyncio.get_running_loop().time() < give_up, "worker two kept the purged entry"
+        await asyncio.sleep(0.1)
+    for query in VARIANTS[1:]:
+        assert (await two.get(f"/photo-1200x980.jpg?{query}")).headers["X-Edge-Cache"] == "miss"

@@ -323,6 +323,15 @@ class ResultCache:
                 total += await self._purge_memcached(tier, prefix)
         return total
 
+    def purge_memory(self, prefix: str) -> int:
+        """Drop ``prefix``'s entries from this process's memory tier only (a purge made
+        by another worker, which already reached the shared tiers)."""
+        return sum(
+            tier.backend.delete_prefix(prefix)
+            for tier in self._tiers
+            if isinstance(tier.backend, BoundedMemoryCache)
+        )
+
     async def _purge_memcached(self, tier: Tier, prefix: str) -> int:
         """memcached cannot list keys: drop the variants its per-object index names."""
         client = tier.backend.client

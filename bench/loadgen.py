@@ -64,12 +64,12 @@ def summary(values: Sequence[float]) -> dict[str, float]:
 
 
 async def fetch(
-    session: aiohttp.ClientSession, url: str, tally: Tally, started: float, patience: float
+    client: aiohttp.ClientSession, url: str, tally: Tally, started: float, patience: float
 ) -> None:
     tally.sent += 1
     try:
         async with asyncio.timeout(patience):
-            async with session.get(url) as response:
+            async with client.get(url) as response:
                 body = await response.read()
                 tally.record(str(response.status), time.perf_counter() - started, len(body))
     except (aiohttp.ClientError, TimeoutError, OSError) as error:
@@ -81,14 +81,14 @@ async def closed(urls: list[str], connections: int, seconds: float, limit: int) 
     stop = time.perf_counter() + seconds
     connector = aiohttp.TCPConnector(limit=connections)
 
-    async with aiohttp.ClientSession(connector=connector) as session:
+    async with aiohttp.ClientSession(connector=connector) as client:
 
         async def worker(mine: list[str]) -> None:
             index = 0
             while time.perf_counter() < stop and tally.sent < limit:
                 url = mine[index % len(mine)]
                 index += 1
-                await fetch(session, url, tally, time.perf_counter(), 30.0)
+                await fetch(client, url, tally, time.perf_counter(), 30.0)
 
         # connection i takes the urls i, i+N, ...: no two ask for the same one at once
         shares = [urls[i::connections] or urls for i in range(connections)]
@@ -103,7 +103,7 @@ async def open_loop(
     total = min(limit, int(rate * seconds))
     connector = aiohttp.TCPConnector(limit=0, limit_per_host=0)
     tasks: set[asyncio.Task[None]] = set()
-    async with aiohttp.ClientSession(connector=connector) as session:
+    async with aiohttp.ClientSession(connector=connector) as client:
         origin = time.perf_counter()
         for index in range(total):
             scheduled = origin + index / rate
@@ -112,7 +112,7 @@ async def open_loop(
                 await asyncio.sleep(delay)
             tally.lags.append(time.perf_counter() - scheduled)
             task = asyncio.create_task(
-                fetch(session, urls[index % len(urls)], tally, scheduled, patience)
+                fetch(client, urls[index % len(urls)], tally, scheduled, patience)
             )
             tasks.add(task)
             task.add_done_callback(tasks.discard)
@@ -124,10 +124,10 @@ async def open_loop(
 async def burst(urls: list[str], rounds: int, patience: float) -> Tally:
     tally = Tally()
     connector = aiohttp.TCPConnector(limit=0, limit_per_host=0)
-    async with aiohttp.ClientSession(connector=connector) as session:
+    async with aiohttp.ClientSession(connector=connector) as client:
         for _ in range(rounds):
             started = time.perf_counter()
-            await asyncio.gather(*(fetch(session, url, tally, started, patience) for url in urls))
+            await asyncio.gather(*(fetch(client, url, tally, started, patience) for url in urls))
     return tally
 
 

@@ -65,10 +65,6 @@ class Deadline:
     def remaining(self) -> float:
         return max(self.at - time.monotonic(), 0.0)
 
-    @property
-    def expired(self) -> bool:
-        return time.monotonic() >= self.at
-
     def record(self, stage: str, seconds: float) -> None:
         self.spent[stage] = self.spent.get(stage, 0.0) + seconds
 

@@ -1269,24 +1269,3 @@ def _error_canvas(title: str, message: str, width: int, height: int) -> VipsImag
     text = mask.linear((_ERROR_INK - _ERROR_BACKGROUND) / 255, _ERROR_BACKGROUND).cast("uchar")
     left, top = (width - text.width) // 2, (height - text.height) // 2
     return blank.insert(text.copy(interpretation="b-w"), left, top)
-
-
-def rasterise_svg(data: bytes, limits: Limits, kill: KillSwitch | None = None) -> bytes:
-    """The SVG ``data`` rendered at its own size as PNG (an original request for an SVG).
-
-    Raises what ``probe`` raises (limits included), and TransformTimeout or ClientClosed
-    when ``kill`` is set while it renders.
-    """
-    if sniff(data) != "svg":
-        raise UndecodableImage("not an SVG image")
-    info = probe(data, limits)
-    # the PNG is an output like any other: the output limits hold for it too
-    _check_output_limits((info.width, info.height), 1, limits)
-    guard = _Guard(kill or KillSwitch())
-    guard.check()
-    try:
-        image = pyvips.Image.new_from_buffer(data, "fail_on=error", access="sequential")
-        body = guard.watch(image).pngsave_buffer(compression=PNG_COMPRESSION, keep="none")
-    except pyvips.Error as error:
-        raise guard.translate(error) from error
-    return cast(bytes, body)

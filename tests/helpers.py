@@ -31,9 +31,8 @@ async def start_edge(
     app = create_app(
         settings_from(env), registry=CollectorRegistry(), origin=origin, cache_clock=cache_clock
     )
-    client: TestClient[Any, Any] = await aiohttp_client(
-        app, server_kwargs={"handler_cancellation": True}
-    )
+    # aiohttp's TestServer runs handlers with handler_cancellation on, as edge's server does
+    client: TestClient[Any, Any] = await aiohttp_client(app)
     return client
 
 
@@ -44,7 +43,7 @@ async def running_edge(
     """edge on a loopback port for the duration of the block (for hypothesis examples,
     where a function-scoped fixture would keep every example's server alive)."""
     app = create_app(settings_from(env), registry=CollectorRegistry(), origin=origin)
-    server = TestServer(app, handler_cancellation=True)
+    server = TestServer(app)  # handler_cancellation on, as in edge's own server
     async with TestClient(server) as client:
         yield client
 

@@ -843,17 +843,3 @@ def test_error_image_too_small_for_text_is_plain() -> None:
     image = decode(body)
     assert (image.width, image.height) == (6, 6)
     assert image.min() == image.max()
-
-
-def test_rasterise_svg() -> None:
-    svg = (
-        b'<?xml version="1.0"?>\n<svg xmlns="http://www.w3.org/2000/svg" width="120" '
-        b'height="60"><rect width="120" height="60" fill="#00f"/></svg>'
-    )
-    body = imaging.rasterise_svg(svg, LIMITS)
-    assert imaging.sniff(body) == "png"
-    image = decode(body)
-    assert (image.width, image.height) == (120, 60)
-    assert close_to(mean_colour(image, 10, 10, 100, 40), BLUE, 2)
-    with pytest.raises(UndecodableImage):
-        imaging.rasterise_svg(sample(PHOTO), LIMITS)

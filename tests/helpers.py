@@ -18,6 +18,16 @@ from edge.settings import Settings, load_settings
 MakeClient = Callable[..., Awaitable[TestClient[Any, Any]]]
 
 
+class FakeClock:
+    """A clock the tests move forward (``clock.now += 61``) instead of sleeping."""
+
+    def __init__(self, now: float = 1_700_000_000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
 def settings_from(env: Mapping[str, str]) -> Settings:
     return load_settings(dict(env))
 

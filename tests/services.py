@@ -17,10 +17,11 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import pytest
+import redis.asyncio as redis
 
 STARTUP_SECONDS = 10.0
 PORT_ATTEMPTS = 3
@@ -181,3 +182,11 @@ def memcached_server_fixture(tmp_path: Path) -> Iterator[Service]:
         yield service
     finally:
         service.stop()
+
+
+@pytest.fixture(name="raw_redis")
+async def raw_redis_fixture(redis_server: Service) -> AsyncIterator[redis.Redis]:
+    """A plain client on the test's redis-server, to plant or inspect raw values."""
+    client = redis.Redis(host=redis_server.host, port=redis_server.port)
+    yield client
+    await client.aclose()

@@ -14,19 +14,12 @@ from edge.cache import Entry, ResultCache
 from edge.cache.backends import memory_tier, redis_tier
 from edge.cache.keys import lock_key
 from edge.metrics import Metrics
-from tests.services import Service, redis_server_fixture  # noqa: F401
+from tests.helpers import FakeClock
+from tests.services import Service, raw_redis_fixture, redis_server_fixture  # noqa: F401
 
 TIMEOUT = 0.2
 GENEROUS = 5.0
 KEY = "edge:v1:p1:object:variant"
-
-
-class FakeClock:
-    def __init__(self, now: float = 1_700_000_000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
 
 
 MakeCache = Callable[[], ResultCache]
@@ -59,13 +52,6 @@ async def make_cache(redis_server: Service, clock: FakeClock) -> AsyncIterator[M
     yield make
     for cache in made:
         await cache.close()
-
-
-@pytest.fixture
-async def raw_redis(redis_server: Service) -> AsyncIterator[redis.Redis]:
-    client = redis.Redis(host=redis_server.host, port=redis_server.port)
-    yield client
-    await client.aclose()
 
 
 class Filler:

@@ -9,14 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from edge.cache.memory import BoundedMemoryCache, item_size
-
-
-class FakeClock:
-    def __init__(self, now: float = 1000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
+from tests.helpers import FakeClock
 
 
 def value(size: int, fill: bytes = b"x") -> bytes:
@@ -88,7 +81,7 @@ async def test_replacing_a_value_recharges_its_size() -> None:
 
 
 async def test_items_expire_by_ttl_on_the_injected_clock() -> None:
-    clock = FakeClock()
+    clock = FakeClock(1000.0)
     cache = BoundedMemoryCache(1 << 20, clock=clock)
     await cache.set("short", b"1", ttl=10)
     await cache.set("forever", b"2")
@@ -101,7 +94,7 @@ async def test_items_expire_by_ttl_on_the_injected_clock() -> None:
 
 
 async def test_expire_add_and_clear_follow_aiocache_semantics() -> None:
-    clock = FakeClock()
+    clock = FakeClock(1000.0)
     cache = BoundedMemoryCache(1 << 20, clock=clock)
     await cache.add("a:1", b"1")
     with pytest.raises(ValueError, match="already exists"):

@@ -12,21 +12,14 @@ from prometheus_client import CollectorRegistry
 from edge.cache import Entry, ResultCache
 from edge.cache.backends import memory_tier, redis_tier
 from edge.metrics import Metrics
-from tests.services import Service, redis_server_fixture  # noqa: F401
+from tests.helpers import FakeClock
+from tests.services import Service, raw_redis_fixture, redis_server_fixture  # noqa: F401
 
 TTL = 100.0
 STALE_TTL = 50.0
 TIMEOUT = 0.2
 #: far above TIMEOUT, far below anything a hung call without a bound would take
 GENEROUS = 2.0
-
-
-class FakeClock:
-    def __init__(self, now: float = 1_700_000_000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
 
 
 MakeCache = Callable[..., ResultCache]
@@ -66,13 +59,6 @@ async def make_cache(
     yield make
     for cache in made:
         await cache.close()
-
-
-@pytest.fixture
-async def raw_redis(redis_server: Service) -> AsyncIterator[redis.Redis]:
-    client = redis.Redis(host=redis_server.host, port=redis_server.port)
-    yield client
-    await client.aclose()
 
 
 def made_at(created: float, body: bytes = b"result") -> Entry:

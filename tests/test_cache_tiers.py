@@ -10,17 +10,10 @@ from edge.cache import Entry, ResultCache
 from edge.cache.backends import memory_tier
 from edge.metrics import Metrics
 from edge.settings import load_settings
+from tests.helpers import FakeClock
 
 TTL = 100.0
 STALE_TTL = 50.0
-
-
-class FakeClock:
-    def __init__(self, now: float = 1_700_000_000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @pytest.fixture

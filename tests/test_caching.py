@@ -10,22 +10,12 @@ import pytest
 
 from tests.conftest import SHARED_IMAGES
 from tests.fake_origin import FakeOrigin
-from tests.helpers import decode, loader_format, metric, start_edge
+from tests.helpers import FakeClock, decode, loader_format, metric, start_edge
 from tests.services import (  # noqa: F401
     Service,
     memcached_server_fixture,
     redis_server_fixture,
 )
-
-
-class Clock:
-    """Wall-clock stand-in the tests move forward instead of sleeping."""
-
-    def __init__(self) -> None:
-        self.now = 1_800_000_000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @pytest.fixture
@@ -93,7 +83,7 @@ async def test_a_waiter_leaving_does_not_fail_the_others(
 async def test_a_404_evicts_the_stale_entry_instead_of_serving_it(
     aiohttp_client: Any, origin: FakeOrigin
 ) -> None:
-    clock = Clock()
+    clock = FakeClock()
     client = await edge(aiohttp_client, origin, clock, EDGE_CACHE_TTL="60")
     origin.put("k.jpg", (origin.root / "flowers-1920x1080.jpg").read_bytes())
     assert (await client.get("/ok/k.jpg?w=50")).status == 200
@@ -109,7 +99,7 @@ async def test_a_404_evicts_the_stale_entry_instead_of_serving_it(
 
 async def test_stale_is_served_on_bad_gateway(aiohttp_client: Any, origin: FakeOrigin) -> None:
     """The same key cached through one path, then the origin starts failing."""
-    clock = Clock()
+    clock = FakeClock()
     client = await edge(aiohttp_client, origin, clock, EDGE_CACHE_TTL="60")
     origin.put("flaky.jpg", (origin.root / "flowers-1920x1080.jpg").read_bytes())
     first = await client.get("/ok/flaky.jpg?w=40")
@@ -242,7 +232,7 @@ async def test_cache_none_always_misses(aiohttp_client: Any, origin: FakeOrigin)
 async def test_an_expired_entry_is_revalidated_without_a_transform(
     aiohttp_client: Any, origin: FakeOrigin
 ) -> None:
-    clock = Clock()
+    clock = FakeClock()
     client = await edge(aiohttp_client, origin, clock, EDGE_CACHE_TTL="60")
     origin.put("r.jpg", (origin.root / "flowers-1920x1080.jpg").read_bytes())
     first = await client.get("/ok/r.jpg?w=64")
@@ -271,7 +261,7 @@ async def test_an_expired_entry_is_revalidated_without_a_transform(
 
 
 async def test_file_origin_revalidates_too(aiohttp_client: Any, tmp_path: Any) -> None:
-    clock = Clock()
+    clock = FakeClock()
     (tmp_path / "f.jpg").write_bytes((SHARED_IMAGES / "flowers-1920x1080.jpg").read_bytes())
     client = await start_edge(
         aiohttp_client,

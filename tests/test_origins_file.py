@@ -42,22 +42,12 @@ from edge.origins import (
 )
 from edge.settings import BreakerConfig, OriginConfig, SettingsError, load_settings
 from tests.fake_origin import FakeOrigin
-from tests.helpers import metric, start_edge
+from tests.helpers import FakeClock, metric, start_edge
 
 PHOTO = "flowers-1920x1080.jpg"
 OPTIONS = FetchOptions(max_bytes=50_000_000, request_id="req-1")
 #: generous: a fetch cut by a 0.3 s timeout ends well within this
 BOUND = 5.0
-
-
-class Clock:
-    """A monotonic clock the tests move forward instead of sleeping."""
-
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @pytest.fixture
@@ -80,7 +70,7 @@ def write(tmp_path: Path, entries: Any, name: str = "origins.json") -> str:
 
 
 async def open_origins(
-    tmp_path: Path, entries: list[dict[str, Any]], metrics: Metrics, clock: Clock, **env: str
+    tmp_path: Path, entries: list[dict[str, Any]], metrics: Metrics, clock: FakeClock, **env: str
 ) -> Origins:
     settings = load_settings({"EDGE_ORIGINS_FILE": write(tmp_path, entries), **env})
     return await Origins.from_settings(settings, metrics, clock=clock)
@@ -237,7 +227,7 @@ def prefixed(fake: FakeOrigin) -> list[dict[str, Any]]:
 async def test_the_longest_prefix_wins_and_is_stripped(
     tmp_path: Path, fake: FakeOrigin, metrics: Metrics
 ) -> None:
-    origins = await open_origins(tmp_path, prefixed(fake), metrics, Clock())
+    origins = await open_origins(tmp_path, prefixed(fake), metrics, FakeClock())
     try:
         origin, key = origins.route(f"media/{PHOTO}", None, None)
         assert (named(origins, "media"), key) == (origin, PHOTO)
@@ -260,7 +250,7 @@ async def test_the_longest_prefix_wins_and_is_stripped(
 
 async def test_identities_stay_distinct(tmp_path: Path, fake: FakeOrigin, metrics: Metrics) -> None:
     origins = await open_origins(
-        tmp_path, prefixed(fake), metrics, Clock(), EDGE_ORIGIN=f"{fake.url}ok/"
+        tmp_path, prefixed(fake), metrics, FakeClock(), EDGE_ORIGIN=f"{fake.url}ok/"
     )
     try:
         identities = {origins.default.identity} | {origin.identity for origin in origins.named}
@@ -273,7 +263,7 @@ async def test_identities_stay_distinct(tmp_path: Path, fake: FakeOrigin, metric
 async def test_select_and_the_request_overrides_still_work(
     tmp_path: Path, fake: FakeOrigin, metrics: Metrics
 ) -> None:
-    origins = await open_origins(tmp_path, prefixed(fake), metrics, Clock())
+    origins = await open_origins(tmp_path, prefixed(fake), metrics, FakeClock())
     try:
         assert origins.select(None, None) is origins.default
         with pytest.raises(DynamicOriginDisabled):  # origin= names its host: no prefix routing
@@ -297,7 +287,7 @@ async def test_static_headers_reach_the_origin(
         ),
         entry(name="plain", prefix="plain/", url=f"{fake.url}ok/"),
     ]
-    origins = await open_origins(tmp_path, entries, metrics, Clock())
+    origins = await open_origins(tmp_path, entries, metrics, FakeClock())
     try:
         for key in (f"media/{PHOTO}", f"plain/{PHOTO}"):
             origin, rest = origins.route(key, None, None)
@@ -316,7 +306,7 @@ async def test_the_origin_timeout_is_a_fetch_timeout(
     tmp_path: Path, fake: FakeOrigin, metrics: Metrics
 ) -> None:
     entries = [entry(name="slow", prefix="slow/", url=f"{fake.url}stall/30/", timeout=0.3)]
-    origins = await open_origins(tmp_path, entries, metrics, Clock())
+    origins = await open_origins(tmp_path, entries, metrics, FakeClock())
     try:
         origin, key = origins.route(f"slow/{PHOTO}", None, None)
         started = time.monotonic()
@@ -357,7 +347,7 @@ async def test_s3_origins_use_their_own_endpoint_and_region(
         tmp_path,
         entries,
         metrics,
-        Clock(),
+        FakeClock(),
         EDGE_S3_ENDPOINT_URL="http://127.0.0.1:9/",  # the global one is not used
         EDGE_BUCKETS_ALLOWED="status",
     )
@@ -381,7 +371,7 @@ async def test_s3_origins_use_their_own_endpoint_and_region(
 
 
 async def flaky_origins(
-    tmp_path: Path, fake: FakeOrigin, metrics: Metrics, clock: Clock, failures: int = 3
+    tmp_path: Path, fake: FakeOrigin, metrics: Metrics, clock: FakeClock, failures: int = 3
 ) -> Origins:
     entries = [
         entry(
@@ -403,7 +393,7 @@ async def get(origins: Origins, key: str) -> Fetched:
 async def test_gauges_start_at_zero_for_every_named_origin(
     tmp_path: Path, fake: FakeOrigin, metrics: Metrics
 ) -> None:
-    origins = await flaky_origins(tmp_path, fake, metrics, Clock())
+    origins = await flaky_origins(tmp_path, fake, metrics, FakeClock())
     try:
         assert gauge(metrics, "flaky") == 0
         assert gauge(metrics, "calm") == 0
@@ -414,7 +404,7 @@ async def test_gauges_start_at_zero_for_every_named_origin(
 async def test_the_breaker_opens_probes_and_closes(
     tmp_path: Path, fake: FakeOrigin, metrics: Metrics
 ) -> None:
-    clock = Clock()
+    clock = FakeClock()
     origins = await flaky_origins(tmp_path, fake, metrics, clock)
     breaker = named(origins, "flaky").breaker
     try:
@@ -473,7 +463,7 @@ async def test_the_breaker_opens_probes_and_closes(
 async def test_a_failed_probe_opens_the_circuit_again(
     tmp_path: Path, fake: FakeOrigin, metrics: Metrics
 ) -> None:
-    clock = Clock()
+    clock = FakeClock()
     origins = await flaky_origins(tmp_path, fake, metrics, clock, failures=1)
     breaker = named(origins, "flaky").breaker
     try:
@@ -494,7 +484,7 @@ async def test_a_failed_probe_opens_the_circuit_again(
 async def test_a_cancelled_probe_frees_the_probe_slot(
     tmp_path: Path, fake: FakeOrigin, metrics: Metrics
 ) -> None:
-    clock = Clock()
+    clock = FakeClock()
     origins = await flaky_origins(tmp_path, fake, metrics, clock, failures=1)
     breaker = named(origins, "flaky").breaker
     try:
@@ -527,7 +517,7 @@ async def test_the_origin_timeout_counts_as_a_failure(
             breaker={"failures": 1, "cooldown": 5},
         )
     ]
-    origins = await open_origins(tmp_path, entries, metrics, Clock())
+    origins = await open_origins(tmp_path, entries, metrics, FakeClock())
     try:
         with pytest.raises(FetchTimeout):
             await get(origins, f"slow/{PHOTO}")
@@ -578,7 +568,7 @@ async def test_which_outcomes_count(outcome: BaseException | None, effect: str) 
     """A failure, the outcome, a failure, with failures=2: counted, the circuit opens on
     the outcome; neutral, on the last failure; a reset keeps it closed."""
     stub = Stub()
-    origin = NamedOrigin("stub", "s/", stub, CircuitBreaker("stub", failures=2, clock=Clock()))
+    origin = NamedOrigin("stub", "s/", stub, CircuitBreaker("stub", failures=2, clock=FakeClock()))
 
     async def attempt(result: BaseException | None) -> None:
         stub.outcome = result
@@ -600,7 +590,7 @@ async def test_which_outcomes_count(outcome: BaseException | None, effect: str) 
 
 
 def test_outcomes_of_requests_admitted_before_the_circuit_opened_are_ignored() -> None:
-    clock = Clock()
+    clock = FakeClock()
     breaker = CircuitBreaker("b", failures=1, cooldown=10, clock=clock)
     early, late = breaker.admit(), breaker.admit()
     breaker.failed(early)
@@ -613,7 +603,7 @@ def test_outcomes_of_requests_admitted_before_the_circuit_opened_are_ignored() -
 
 
 def test_retry_after_is_capped_at_30_seconds() -> None:
-    breaker = CircuitBreaker("b", failures=1, cooldown=300, clock=Clock())
+    breaker = CircuitBreaker("b", failures=1, cooldown=300, clock=FakeClock())
     breaker.failed(breaker.admit())
     with pytest.raises(OriginOverloaded) as refused:
         breaker.admit()
@@ -622,7 +612,7 @@ def test_retry_after_is_capped_at_30_seconds() -> None:
 
 def test_gauge_changes_are_reported() -> None:
     changes: list[bool] = []
-    clock = Clock()
+    clock = FakeClock()
     breaker = CircuitBreaker("b", failures=1, cooldown=1, clock=clock, on_change=changes.append)
     breaker.failed(breaker.admit())
     clock.now += 1
@@ -691,7 +681,7 @@ async def test_http_breaker_opens_answers_503_and_closes_after_a_probe(
     aiohttp_client: Any, tmp_path: Path, fake: FakeOrigin
 ) -> None:
     client = await edge_with_file(aiohttp_client, tmp_path, fake)
-    clock = Clock()
+    clock = FakeClock()
     breaker = breaker_of(client, "flaky")
     breaker.clock = clock
     for _ in range(2):

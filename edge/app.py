@@ -625,7 +625,7 @@ async def image(request: web.Request) -> web.StreamResponse:
     incoming = Incoming(
         raw_path=raw_path,
         raw_query=raw_query,
-        query=list(request.query.items()),
+        read_query=lambda: list(request.query.items()),
         headers=request.headers,
         request_id=request[REQUEST_ID],
         deadline=request[DEADLINE],

@@ -67,6 +67,8 @@ log = logging.getLogger("edge")
 STAND_IN_BUDGET = 3.0
 #: distinct query strings whose parse is remembered
 PARSED_QUERIES = 4096
+#: distinct (URL, negotiation headers) whose target is remembered
+REMEMBERED_TARGETS = 4096
 #: share of the remaining budget spent waiting for another process's fill of a cold key
 FILL_LOCK_SHARE = 0.5
 #: side of a generated error image when the request named no size
@@ -90,14 +92,37 @@ class Incoming:
     raw_path: str
     #: the query string exactly as received (signatures cover these bytes)
     raw_query: str
-    query: Sequence[tuple[str, str]]
+    #: the decoded query parameters, asked for only when the target is not remembered
+    read_query: Callable[[], Sequence[tuple[str, str]]]
     headers: Mapping[str, str]
     request_id: str
     deadline: Deadline
     #: filled in as the pipeline learns them (stand-in images need them)
     key: str | None = None
     request: ImageRequest | None = None
-    origin: Origin | None = None
+    #: set once the request is verified, parsed and routed
+    target: Target | None = None
+
+    @functools.cached_property
+    def query(self) -> Sequence[tuple[str, str]]:
+        return self.read_query()
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """What a request names, worked out from its URL and negotiation headers alone."""
+
+    #: the object key as the URL names it (before an origin prefix is stripped)
+    key: str
+    #: the parsed request, client hints applied
+    request: ImageRequest
+    #: the hint headers that shaped it (for Vary)
+    hints: tuple[str, ...]
+    accepted: frozenset[OutputFormat]
+    #: where an image request's result is cached (None: not a cached request type)
+    cache_key: str | None
+    #: Surrogate-Key / Cache-Tag of every variant of the object
+    tag: str
 
 
 @dataclass
@@ -158,6 +183,7 @@ class Service:
         self.policy = ParamPolicy.from_settings(settings)
         # Parsing is pure and hot (every hit): the same query string is parsed once.
         self._parse = functools.lru_cache(maxsize=PARSED_QUERIES)(self._parse_query)
+        self._targets: dict[tuple[str, str, str | None, str | None, str | None], Target] = {}
         #: EDGE_ERROR_IMAGE's bytes when it names an origin key (see load_error_image)
         self._error_image_bytes: bytes | None = None
         self.limits = imaging.Limits(
@@ -182,9 +208,9 @@ class Service:
             if stand_in is None:
                 raise
             return stand_in
-        if incoming.origin is not None and incoming.key is not None:
+        if incoming.target is not None:
             # A CDN in front can drop every variant of this object with one tag purge.
-            tag = surrogate_tag(incoming.origin.identity, incoming.key)
+            tag = incoming.target.tag
             reply.headers["Surrogate-Key"] = reply.headers["Cache-Tag"] = tag
         return reply
 
@@ -195,55 +221,88 @@ class Service:
         prefix = self.cache.object_prefix(origin.identity, routed)
         return prefix, await self.cache.purge(prefix)
 
-    async def _handle(self, incoming: Incoming) -> Reply:
+    def _target(self, incoming: Incoming) -> Target:
+        """What the request names: remembered per URL and negotiation headers, so a hot
+        URL is verified, parsed, routed and keyed once rather than on every hit."""
+        headers = incoming.headers
+        memo_key = (
+            incoming.raw_path,
+            incoming.raw_query,
+            headers.get("Accept"),
+            headers.get("Sec-CH-DPR"),
+            headers.get("Sec-CH-Width"),
+        )
+        target = self._targets.get(memo_key)
+        if target is None:
+            target = self._work_out_target(incoming, memo_key[2], memo_key[3], memo_key[4])
+            if len(self._targets) >= REMEMBERED_TARGETS:
+                del self._targets[next(iter(self._targets))]  # the oldest goes first
+            self._targets[memo_key] = target
+        incoming.key, incoming.request, incoming.target = target.key, target.request, target
+        return target
+
+    def _work_out_target(
+        self, incoming: Incoming, accept: str | None, dpr: str | None, width: str | None
+    ) -> Target:
+        """Verify, parse, route and key a request (pure: the same inputs, the same target).
+        What it learns goes into ``incoming`` as it goes, for stand-in images."""
         if self.settings.signing_keys:
             # Checked first: an unsigned request learns nothing, not even a 400.
             verify(incoming.raw_path, incoming.raw_query, self.settings.signing_keys)
         key = incoming.key = parse_key(incoming.raw_path)
         request = incoming.request = self._parse(tuple(incoming.query))
-        origin, key = self.origins.route(key, request.origin, request.bucket)
-        incoming.origin = origin
+        origin, routed = self.origins.route(key, request.origin, request.bucket)
+        request, hints = apply_client_hints(request, dpr, width, self.settings.max_output_dimension)
+        accepted = accepted_formats(accept)
+        cache_key = None
+        if request.req is ReqType.IMG and not request.is_original:
+            token = _output_token(request.spec, accepted)
+            cache_key = self.cache.key(origin.identity, routed, request.canonical(), token)
+        return Target(
+            key=key,
+            request=request,
+            hints=hints,
+            accepted=accepted,
+            cache_key=cache_key,
+            tag=surrogate_tag(origin.identity, key),
+        )
+
+    async def _handle(self, incoming: Incoming) -> Reply:
+        target = self._target(incoming)
+        request = target.request
         if request.backend_timeout is not None:
             incoming.deadline.shorten_to(request.backend_timeout)
+        if target.cache_key is not None:
+            return await self._cached_image(target, target.cache_key, incoming)
+        origin, key = self._origin_of(target)
         if request.is_original:
             return await self._original(origin, key, incoming)
         if request.req is ReqType.EXISTS:
             return await self._exists(origin, key, request, incoming)
         if request.req is ReqType.IMAGEPROPS:
             return await self._image_props(origin, key, request, incoming)
-        request, hints = apply_client_hints(
-            request,
-            incoming.headers.get("Sec-CH-DPR"),
-            incoming.headers.get("Sec-CH-Width"),
-            self.settings.max_output_dimension,
+        rendered = await self._render(
+            origin, key, request, target.accepted, incoming.deadline, incoming.request_id
         )
-        incoming.request = request
-        accepted = accepted_formats(incoming.headers.get("Accept"))
-        if request.req is ReqType.PROPS:
-            rendered = await self._render(
-                origin, key, request, accepted, incoming.deadline, incoming.request_id
-            )
-            return self._props_reply(rendered, request)
-        return await self._cached_image(origin, key, request, accepted, incoming, hints)
+        return self._props_reply(rendered, request)
+
+    def _origin_of(self, target: Target) -> tuple[Origin, str]:
+        """The origin to fetch from and the key to ask it for (routed afresh: dynamic
+        origins are pooled and may have been retired since the target was remembered)."""
+        return self.origins.route(target.key, target.request.origin, target.request.bucket)
 
     # --- the cache, coalescing and stale serving -------------------------------------------
 
-    async def _cached_image(
-        self,
-        origin: Origin,
-        key: str,
-        request: ImageRequest,
-        accepted: frozenset[OutputFormat],
-        incoming: Incoming,
-        hints: Sequence[str],
-    ) -> Reply:
-        token = _output_token(request.spec, accepted)
-        cache_key = self.cache.key(origin.identity, key, request.canonical(), token)
+    async def _cached_image(self, target: Target, cache_key: str, incoming: Incoming) -> Reply:
+        hints = target.hints
         lookup = await self.cache.get(cache_key, deadline=incoming.deadline)
         if lookup is not None and lookup.fresh:
             if lookup.entry.status == 404:
-                raise NotFound("no such image", detail=f"key {key!r} (remembered as missing)")
+                raise NotFound(
+                    "no such image", detail=f"key {target.key!r} (remembered as missing)"
+                )
             return self._entry_reply(lookup.entry, incoming, hints, "hit")
+        origin, key = self._origin_of(target)
         try:
             if lookup is not None and lookup.entry.status == 200:
                 renewed = await self._revalidate(origin, key, cache_key, lookup.entry, incoming)
@@ -253,7 +312,9 @@ class Service:
                     return reply
             if cache_key not in self.flights:  # joining work in flight costs nothing
                 self.admission.shed_if_full()
-            produced = await self._produce(cache_key, origin, key, request, accepted, incoming)
+            produced = await self._produce(
+                cache_key, origin, key, target.request, target.accepted, incoming
+            )
         except (BadGateway, Timeout, Overloaded) as failure:
             if lookup is None or lookup.entry.status != 200:
                 raise
@@ -551,9 +612,9 @@ class Service:
         incoming: Incoming,
         deadline: Deadline,
     ) -> Reply:
-        if incoming.origin is not None and incoming.request is not None:
+        if incoming.target is not None:
             # the request's own origin/bucket, with the default key routed like any key
-            request = incoming.request
+            request = incoming.target.request
             origin, routed = self.origins.route(default_key, request.origin, request.bucket)
         else:
             origin, routed = self.origins.route(default_key, None, None)

@@ -18,7 +18,7 @@ def value(size: int, fill: bytes = b"x") -> bytes:
 
 def room_for(count: int, size: int) -> int:
     """A bound that fits exactly ``count`` items of ``size`` value bytes under 1-char keys."""
-    return count * item_size("k", value(size))
+    return count * item_size("k", len(value(size)))
 
 
 async def test_values_round_trip_through_the_aiocache_api() -> None:
@@ -57,7 +57,7 @@ async def test_one_large_item_evicts_as_many_small_ones_as_it_needs() -> None:
     for key in "abcd":
         await cache.set(key, value(100))
     # twice an item's charge: exactly the two oldest must go
-    await cache.set("e", value(2 * 100 + item_size("k", b"")))
+    await cache.set("e", value(2 * 100 + item_size("k", len(b""))))
     assert [await cache.exists(key) for key in "abcde"] == [False, False, True, True, True]
     assert cache.size_bytes == cache.max_bytes
 
@@ -69,14 +69,14 @@ async def test_an_item_larger_than_the_bound_is_not_stored_and_drops_the_old_val
     assert await cache.set("a", value(10_000)) is False
     assert await cache.get("a") is None
     assert await cache.get("b") == value(100)
-    assert cache.size_bytes == item_size("b", value(100))
+    assert cache.size_bytes == item_size("b", len(value(100)))
 
 
 async def test_replacing_a_value_recharges_its_size() -> None:
     cache = BoundedMemoryCache(1 << 20)
     await cache.set("a", value(500))
     await cache.set("a", value(10))
-    assert cache.size_bytes == item_size("a", value(10))
+    assert cache.size_bytes == item_size("a", len(value(10)))
     assert len(cache) == 1
 
 
@@ -90,7 +90,7 @@ async def test_items_expire_by_ttl_on_the_injected_clock() -> None:
     clock.now += 0.1
     assert await cache.get("short") is None
     assert await cache.get("forever") == b"2"
-    assert cache.size_bytes == item_size("forever", b"2")
+    assert cache.size_bytes == item_size("forever", len(b"2"))
 
 
 async def test_expire_add_and_clear_follow_aiocache_semantics() -> None:
@@ -118,12 +118,23 @@ async def test_delete_prefix_counts_what_it_dropped() -> None:
     assert await cache.get("obj2:a") == b"3"
 
 
-async def test_only_bytes_are_stored() -> None:
+async def test_only_values_size_of_can_weigh_are_stored() -> None:
     cache = BoundedMemoryCache(1 << 20)
+    await cache.set("k", b"kept")
     with pytest.raises(TypeError):
         await cache.set("k", "text")
     with pytest.raises(TypeError):
         await cache.set("k", {"a": 1})
+    assert await cache.get("k") == b"kept"  # a refused value changes nothing
+
+
+async def test_objects_are_held_as_they_are_and_weighed_by_size_of() -> None:
+    cache = BoundedMemoryCache(1 << 20, size_of=lambda value: value["weight"])
+    heavy = {"weight": 5000}
+    await cache.set("k", heavy)
+    assert cache.peek("k") is heavy  # the same object: nothing copied or re-parsed
+    assert await cache.get("k") is heavy
+    assert cache.size_bytes == item_size("k", 5000)
 
 
 operations = st.lists(
@@ -145,9 +156,9 @@ async def test_the_cache_behaves_like_a_byte_bounded_lru(ops: list[tuple[str, st
         if op == "set":
             await cache.set(key, value(size))
             model.pop(key, None)
-            if item_size(key, value(size)) <= bound:
+            if item_size(key, len(value(size))) <= bound:
                 model[key] = size
-            while sum(item_size(k, value(s)) for k, s in model.items()) > bound:
+            while sum(item_size(k, len(value(s))) for k, s in model.items()) > bound:
                 model.popitem(last=False)
         elif op == "get":
             got = await cache.get(key)
@@ -157,5 +168,5 @@ async def test_the_cache_behaves_like_a_byte_bounded_lru(ops: list[tuple[str, st
         else:
             await cache.delete(key)
             model.pop(key, None)
-        assert cache.size_bytes == sum(item_size(k, value(s)) for k, s in model.items())
+        assert cache.size_bytes == sum(item_size(k, len(value(s))) for k, s in model.items())
         assert cache.size_bytes <= bound

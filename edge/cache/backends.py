@@ -24,6 +24,7 @@ import aiomcache
 from aiocache import MemcachedCache, RedisCache
 from aiocache.base import BaseCache
 
+from edge.cache.envelope import entry_size
 from edge.cache.memory import BoundedMemoryCache
 from edge.cache.serializer import BytesSerializer
 
@@ -72,7 +73,7 @@ def open_tier(
 
 
 def memory_tier(max_bytes: int, *, clock: Callable[[], float] = time.time) -> Tier:
-    return Tier("memory", BoundedMemoryCache(max_bytes, clock=clock))
+    return Tier("memory", BoundedMemoryCache(max_bytes, clock=clock, size_of=entry_size))
 
 
 def redis_tier(url: str, *, timeout: float) -> Tier:

@@ -55,7 +55,7 @@ class Entry:
 
 def encode(entry: Entry) -> bytes:
     """The envelope bytes of ``entry``; ``ValueError`` if ``decode`` would refuse it."""
-    _check_storable(entry)
+    check_storable(entry)
     metadata = json.dumps(_metadata_of(entry), separators=(",", ":")).encode()
     header = _HEADER.pack(MAGIC, VERSION, len(metadata), len(entry.body))
     return b"".join((header, metadata, entry.body))
@@ -84,8 +84,17 @@ def _metadata_of(entry: Entry) -> dict[str, Any]:
     }
 
 
-def _check_storable(entry: Entry) -> None:
-    # refuse at write time what every reader would count as corrupt forever
+def entry_size(entry: Entry) -> int:
+    """What an entry held in memory weighs: its body and texts (the object overhead is
+    the memory tier's per-item allowance)."""
+    if not isinstance(entry, Entry):
+        raise TypeError(f"the memory tier holds entries, not {type(entry).__name__}")
+    texts = (entry.content_type, *(getattr(entry, name) for name in _OPTIONAL_TEXT))
+    return len(entry.body) + sum(len(text) for text in texts if text)
+
+
+def check_storable(entry: Entry) -> None:
+    """``ValueError`` for an entry every reader would count as corrupt forever."""
     texts = {"content_type": entry.content_type} | {n: getattr(entry, n) for n in _OPTIONAL_TEXT}
     for name, value in texts.items():
         if value is not None and not _is_header_text(value):

@@ -1,11 +1,15 @@
-"""The in-process cache tier: an LRU of bytes values bounded by their total size.
+"""The in-process cache tier: an LRU of values bounded by their total size in bytes.
 
 aiocache's own memory backend is unbounded (and expires entries with one timer each), so
 a busy worker would grow until the kernel kills it. ``BoundedMemoryCache`` speaks the same
 aiocache interface but holds at most ``max_bytes`` (keys, values and a fixed per-item
-allowance), evicting the least recently used items first. Expiry is checked lazily on access against
-an injectable clock (an expired item nobody asks for leaves through the LRU order), so
-no timers pile up and tests need not sleep.
+allowance), evicting the least recently used items first. Expiry is checked lazily on
+access against an injectable clock (an expired item nobody asks for leaves through the LRU
+order), so no timers pile up and tests need not sleep.
+
+Values stay Python objects: nothing leaves the process, so nothing needs encoding, and a
+hit hands back the very object stored (the result cache keeps decoded entries here, so a
+hot image is never parsed again). ``size_of`` says what a value weighs.
 """
 
 from __future__ import annotations
@@ -16,21 +20,27 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 from aiocache.base import BaseCache
-
-from edge.cache.serializer import BytesSerializer
+from aiocache.serializers import NullSerializer
 
 #: bookkeeping charged per item (dict slot, tuple, object headers), so a flood of tiny
 #: negative entries still counts against the bound
 ITEM_OVERHEAD = 128
 
 
-def item_size(key: str, value: bytes) -> int:
+def item_size(key: str, value_size: int) -> int:
     """Bytes an item is charged against the bound."""
-    return len(key) + len(value) + ITEM_OVERHEAD
+    return len(key) + value_size + ITEM_OVERHEAD
+
+
+def bytes_size(value: object) -> int:
+    """The default ``size_of``: values must be bytes."""
+    if not isinstance(value, bytes):
+        raise TypeError(f"values are bytes, not {type(value).__name__}")
+    return len(value)
 
 
 class _Item(NamedTuple):
-    value: bytes
+    value: Any
     #: clock() time it expires at, or None for never
     expires: float | None
     size: int
@@ -39,9 +49,10 @@ class _Item(NamedTuple):
 class BoundedMemoryCache(BaseCache):  # type: ignore[misc]  # aiocache is untyped
     """Owns the worker's cached bytes: at most ``max_bytes``, least recently used out first.
 
-    Values must be ``bytes``; an item larger than the whole bound is not stored (``set``
-    returns False and any older value under that key is dropped, so a reader never sees a
-    result older than one that was refused).
+    ``size_of`` weighs a value in bytes and raises TypeError for one it cannot (the
+    default takes only ``bytes``). An item larger than the whole bound is not stored
+    (``set`` returns False and any older value under that key is dropped, so a reader
+    never sees a result older than one that was refused).
     """
 
     NAME = "memory"
@@ -51,14 +62,16 @@ class BoundedMemoryCache(BaseCache):  # type: ignore[misc]  # aiocache is untype
         max_bytes: int,
         *,
         clock: Callable[[], float] = time.monotonic,
+        size_of: Callable[[Any], int] = bytes_size,
         **kwargs: Any,
     ) -> None:
-        kwargs.setdefault("serializer", BytesSerializer())
+        kwargs.setdefault("serializer", NullSerializer())
         # in-process calls cannot hang; aiocache's default 5 s wait_for would only add cost
         kwargs.setdefault("timeout", None)
         super().__init__(**kwargs)
         self.max_bytes = max_bytes
         self._clock = clock
+        self._size_of = size_of
         self._items: OrderedDict[str, _Item] = OrderedDict()
         self._bytes = 0
 
@@ -73,14 +86,18 @@ class BoundedMemoryCache(BaseCache):  # type: ignore[misc]  # aiocache is untype
     def __contains__(self, key: object) -> bool:
         return isinstance(key, str) and self._live(key) is not None
 
-    # --- aiocache backend interface -------------------------------------------------------
-
-    async def _get(self, key: str, encoding: str | None = None, _conn: Any = None) -> Any:
+    def peek(self, key: str) -> Any:
+        """``get`` without aiocache's wrappers (plugins, timeout): the hit path's read."""
         item = self._live(key)
         if item is None:
             return None
         self._items.move_to_end(key)
         return item.value
+
+    # --- aiocache backend interface -------------------------------------------------------
+
+    async def _get(self, key: str, encoding: str | None = None, _conn: Any = None) -> Any:
+        return self.peek(key)
 
     async def _gets(self, key: str, encoding: str | None = None, _conn: Any = None) -> Any:
         return await self._get(key, encoding)
@@ -93,7 +110,7 @@ class BoundedMemoryCache(BaseCache):  # type: ignore[misc]  # aiocache is untype
     async def _set(
         self,
         key: str,
-        value: bytes,
+        value: Any,
         ttl: float | None = None,
         _cas_token: Any = None,
         _conn: Any = None,
@@ -103,15 +120,13 @@ class BoundedMemoryCache(BaseCache):  # type: ignore[misc]  # aiocache is untype
         return self._store(key, value, ttl)
 
     async def _multi_set(
-        self, pairs: list[tuple[str, bytes]], ttl: float | None = None, _conn: Any = None
+        self, pairs: list[tuple[str, Any]], ttl: float | None = None, _conn: Any = None
     ) -> bool:
         for key, value in pairs:
             self._store(key, value, ttl)
         return True
 
-    async def _add(
-        self, key: str, value: bytes, ttl: float | None = None, _conn: Any = None
-    ) -> bool:
+    async def _add(self, key: str, value: Any, ttl: float | None = None, _conn: Any = None) -> bool:
         if self._live(key) is not None:
             raise ValueError(f"Key {key} already exists, use .set to update the value")
         return self._store(key, value, ttl)
@@ -133,7 +148,7 @@ class BoundedMemoryCache(BaseCache):  # type: ignore[misc]  # aiocache is untype
         self.delete_prefix(namespace or "")
         return True
 
-    async def _redlock_release(self, key: str, value: bytes) -> int:
+    async def _redlock_release(self, key: str, value: Any) -> int:
         item = self._live(key)
         if item is None or item.value != value:
             return 0
@@ -150,11 +165,9 @@ class BoundedMemoryCache(BaseCache):  # type: ignore[misc]  # aiocache is untype
 
     # --- internals ------------------------------------------------------------------------
 
-    def _store(self, key: str, value: bytes, ttl: float | None) -> bool:
-        if not isinstance(value, bytes):
-            raise TypeError(f"values are bytes, not {type(value).__name__}")
+    def _store(self, key: str, value: Any, ttl: float | None) -> bool:
+        size = item_size(key, self._size_of(value))  # raises before anything changes
         self._discard(key)
-        size = item_size(key, value)
         if size > self.max_bytes:
             return False
         self._items[key] = _Item(value, self._expiry(ttl), size)

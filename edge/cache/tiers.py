@@ -24,7 +24,7 @@ from typing import Literal, NamedTuple, TypeVar
 from edge import PIPELINE_VERSION
 from edge.budget import Deadline
 from edge.cache.backends import Tier, open_tier
-from edge.cache.envelope import CorruptEntry, Entry, decode, encode
+from edge.cache.envelope import CorruptEntry, Entry, check_storable, decode, encode
 from edge.cache.keys import cache_key, lock_key, object_prefix
 from edge.cache.lock import RedisFillLock
 from edge.cache.memory import BoundedMemoryCache
@@ -64,6 +64,9 @@ class Fill:
 
     acquired: bool
     lookup: Lookup | None = None
+
+
+_RESULT_OF_FRESHNESS = {True: "hit", False: "stale", None: "miss"}
 
 
 class TierFailed(Exception):
@@ -184,24 +187,40 @@ class ResultCache:
             self._observe("cache_get", time.perf_counter() - begun, None)
 
     async def _look_up(self, key: str) -> Lookup | None:
-        stale: tuple[Lookup, bytes, Tier] | None = None
+        stale: tuple[Lookup, Tier] | None = None
         for tier in self._tiers:
-            found = await self._read(tier, key)
-            if found is None:
+            lookup = await self._read(tier, key)
+            if lookup is None:
                 continue
-            lookup, raw = found
             if lookup.fresh:
-                await self._fill_memory(tier, key, lookup.entry, raw)
+                await self._fill_memory(tier, key, lookup.entry)
                 return lookup
-            stale = stale or (lookup, raw, tier)
+            stale = stale or (lookup, tier)
         if stale is None:
             return None
-        lookup, raw, tier = stale
-        await self._fill_memory(tier, key, lookup.entry, raw)
+        lookup, tier = stale
+        await self._fill_memory(tier, key, lookup.entry)
         return lookup
 
-    async def _read(self, tier: Tier, key: str) -> tuple[Lookup, bytes] | None:
+    async def _read(self, tier: Tier, key: str) -> Lookup | None:
         """One tier's entry under ``key``, counted as hit, stale, miss or error."""
+        if isinstance(tier.backend, BoundedMemoryCache):
+            # in-process and already decoded: no timer, no rest, nothing to parse
+            entry = tier.backend.peek(key)
+            if entry is None:
+                self._count(tier, "miss")
+        else:
+            entry = await self._read_shared(tier, key)
+        if entry is None:
+            return None
+        fresh = self._freshness(entry)
+        self._count(tier, _RESULT_OF_FRESHNESS[fresh])
+        if fresh is None:
+            return None
+        return Lookup(entry, tier.name, fresh)
+
+    async def _read_shared(self, tier: Tier, key: str) -> Entry | None:
+        """The entry a shared tier holds, or None (a miss or an error, counted here)."""
         try:
             raw = await self._bounded(tier, lambda: tier.backend.get(key))
         except TierFailed:
@@ -211,16 +230,11 @@ class ResultCache:
             self._count(tier, "miss")
             return None
         try:
-            entry = decode(raw)
+            return decode(raw)
         except CorruptEntry as exc:
             log.warning("cache tier %s holds a corrupt entry under %s: %s", tier.name, key, exc)
             self._count(tier, "error")
             return None
-        fresh = self._freshness(entry)
-        self._count(tier, {True: "hit", False: "stale", None: "miss"}[fresh])
-        if fresh is None:
-            return None
-        return Lookup(entry, tier.name, fresh), raw
 
     def _freshness(self, entry: Entry) -> bool | None:
         """True fresh, False stale, None expired (a miss)."""
@@ -232,13 +246,13 @@ class ResultCache:
             return False
         return None
 
-    async def _fill_memory(self, source: Tier, key: str, entry: Entry, raw: bytes) -> None:
+    async def _fill_memory(self, source: Tier, key: str, entry: Entry) -> None:
         memory = self._memory_tier()
         if memory is None or memory is source:
             return
         life = self._remaining_life(entry)
         if life > 0:
-            await self._write(memory, key, raw, life)
+            await self._write(memory, key, entry, life)
 
     # --- writing --------------------------------------------------------------------------
 
@@ -252,12 +266,17 @@ class ResultCache:
             return {}
         begun = time.perf_counter()
         try:
-            raw = encode(entry)
+            check_storable(entry)
+            # the memory tier keeps the entry itself; shared tiers get one envelope
+            raw = encode(entry) if any(tier.shared for tier in self._tiers) else b""
             life = self._remaining_life(entry)
             if life <= 0:
                 return {tier.name: "skipped" for tier in self._tiers}
             results = await asyncio.gather(
-                *(self._write(tier, key, raw, life) for tier in self._tiers)
+                *(
+                    self._write(tier, key, raw if tier.shared else entry, life)
+                    for tier in self._tiers
+                )
             )
             return {tier.name: result for tier, result in zip(self._tiers, results, strict=True)}
         finally:
@@ -270,16 +289,19 @@ class ResultCache:
         memory = self._memory_tier()
         if memory is None or ttl <= 0:
             return False
-        return await self._write(memory, key, encode(entry), ttl) == "stored"
+        check_storable(entry)
+        return await self._write(memory, key, entry, ttl) == "stored"
 
-    async def _write(self, tier: Tier, key: str, raw: bytes, life: float) -> SetResult:
-        if tier.max_item_bytes is not None and len(raw) > tier.max_item_bytes:
-            log.debug("not caching %s in %s: %d bytes is over its limit", key, tier.name, len(raw))
+    async def _write(self, tier: Tier, key: str, value: Entry | bytes, life: float) -> SetResult:
+        """Store ``value``: the entry itself in the memory tier, its envelope in shared ones."""
+        limit = tier.max_item_bytes
+        if limit is not None and isinstance(value, bytes) and len(value) > limit:
+            log.debug("not caching %s in %s: over its item size limit", key, tier.name)
             self._skipped[tier.name].inc()
             return "skipped"
         ttl = tier.ttl_for(life, self._clock())
         try:
-            stored = await self._bounded(tier, lambda: tier.backend.set(key, raw, ttl=ttl))
+            stored = await self._bounded(tier, lambda: tier.backend.set(key, value, ttl=ttl))
             if stored and tier.name == "memcached":
                 await self._bounded(tier, lambda: _index_variant(tier, key, ttl))
         except TierFailed:
@@ -435,7 +457,7 @@ class ResultCache:
             return None
         if entry is None or self._freshness(entry) is not True:
             return None
-        await self._fill_memory(tier, key, entry, raw)
+        await self._fill_memory(tier, key, entry)
         return Lookup(entry, tier.name, True)
 
     async def _release(self, tier: Tier, lock: RedisFillLock) -> None:

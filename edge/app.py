@@ -17,11 +17,11 @@ import concurrent.futures
 import hmac
 import json
 import logging
+import os
 import re
 import signal
 import time
 import traceback
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -72,6 +72,8 @@ SECURITY_HEADERS = {
     "X-Content-Type-Options": "nosniff",
     "Content-Security-Policy": "default-src 'none'; sandbox",
 }
+#: on every response of the pipeline and the operator endpoints
+ALWAYS_SENT = {"Accept-Ranges": "none", **SECURITY_HEADERS}
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 CLIENT_HINTS = "Sec-CH-DPR, Sec-CH-Width"
 TIMING_STAGES = ("cache_get", "revalidate", "fetch", "queue", "transform")
@@ -354,7 +356,7 @@ class _HeaderedRequestHandler(RequestHandler):
     ) -> web.StreamResponse:
         response = super().handle_error(request, status, exc, message)
         response.headers.update(SECURITY_HEADERS)
-        response.headers.setdefault("X-Request-Id", uuid.uuid4().hex)
+        response.headers.setdefault("X-Request-Id", _new_request_id())
         return response
 
 
@@ -495,8 +497,7 @@ def _account(request: web.Request, entry: RequestLog, deadline: Deadline) -> Non
     """One metrics update and one access-log line for the request, whatever happened."""
     metrics = request.app[METRICS]
     duration = time.monotonic() - deadline.started
-    metrics.requests.labels(code=str(entry.status), outcome=entry.outcome).inc()
-    metrics.request_duration.labels(outcome=entry.outcome).observe(duration)
+    metrics.count_request(entry.status, entry.outcome, duration)
     for stage, seconds in deadline.spent.items():
         # cache_get and cache_set are observed by the cache itself (sets run after sending)
         if stage in ("queue", "fetch", "transform"):
@@ -508,7 +509,7 @@ def _account(request: web.Request, entry: RequestLog, deadline: Deadline) -> Non
     elif entry.outcome == "timeout":
         metrics.backend_timeouts.labels(stage=entry.label or "fetch").inc()
     if entry.bytes:
-        metrics.response_bytes.labels(format=entry.format_label).inc(entry.bytes)
+        metrics.count_sent(entry.format_label, entry.bytes)
     if not ACCESS.isEnabledFor(logging.INFO):
         return  # EDGE_LOG_LEVEL=warning: the line would be built for nothing
     fields = {
@@ -578,8 +579,14 @@ def _outcome_for_status(status: int) -> str:
 
 
 def _request_id(request: web.Request) -> str:
-    given = request.headers.get("X-Request-Id", "")
-    return given if _REQUEST_ID.match(given) else uuid.uuid4().hex
+    given = request.headers.get("X-Request-Id")
+    if given and _REQUEST_ID.match(given):
+        return given
+    return _new_request_id()
+
+
+def _new_request_id() -> str:
+    return os.urandom(16).hex()  # as random as uuid4's hex, at a fraction of its cost
 
 
 def _deadline(request: web.Request, settings: Settings) -> Deadline:
@@ -592,16 +599,12 @@ def _deadline(request: web.Request, settings: Settings) -> Deadline:
 
 def _common_headers(request: web.Request) -> dict[str, str]:
     settings = request.app[SETTINGS]
-    headers = {
-        "X-Request-Id": request[REQUEST_ID],
-        "Accept-Ranges": "none",
-        **SECURITY_HEADERS,
-    }
+    headers = {"X-Request-Id": request[REQUEST_ID], **ALWAYS_SENT}
     deadline: Deadline = request[DEADLINE]
     timings = [
-        f"{stage};dur={deadline.spent[stage] * 1000:.1f}"
-        for stage in TIMING_STAGES
-        if stage in deadline.spent
+        f"{stage};dur={seconds * 1000:.1f}"
+        for stage, seconds in deadline.spent.items()
+        if stage in TIMING_STAGES
     ]
     if timings:
         headers["Server-Timing"] = ", ".join(timings)

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
+from types import TracebackType
 from typing import Any
 
 
@@ -68,16 +69,41 @@ class Deadline:
     def record(self, stage: str, seconds: float) -> None:
         self.spent[stage] = self.spent.get(stage, 0.0) + seconds
 
-    @contextmanager
-    def stage(self, name: str) -> Iterator[None]:
+    def stage(self, name: str) -> Stage:
         """Time the enclosed block as ``name`` (recorded even when it raises)."""
-        begun, outer = time.monotonic(), self.current
-        self.current = name
+        return Stage(self, name)
+
+
+class Stage:
+    """One timed stage of a Deadline (a class, not a generator: it runs on every hit)."""
+
+    __slots__ = ("_begun", "_deadline", "_name", "_outer", "_span")
+
+    def __init__(self, deadline: Deadline, name: str) -> None:
+        self._deadline, self._name = deadline, name
+        self._span: AbstractContextManager[Any] | None = None
+
+    def __enter__(self) -> None:
+        deadline = self._deadline
+        self._begun, self._outer = time.monotonic(), deadline.current
+        deadline.current = self._name
+        if deadline.observer is not None:
+            self._span = deadline.observer(self._name)
+            self._span.__enter__()
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        trace: TracebackType | None,
+    ) -> None:
+        deadline = self._deadline
         try:
-            with self.observer(name) if self.observer else nullcontext():
-                yield
+            if self._span is not None:
+                self._span.__exit__(kind, error, trace)
         finally:
-            self.record(name, time.monotonic() - begun)
+            deadline.record(self._name, time.monotonic() - self._begun)
         # Only a stage that completed hands ``current`` back: after a failure or a
         # cancellation it still names the stage the request was in, for the 499/504 label.
-        self.current = outer
+        if kind is None:
+            deadline.current = self._outer

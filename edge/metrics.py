@@ -183,6 +183,24 @@ class Metrics:
             multiprocess_mode="livesum",
         )
         self._create_fixed_series()
+        # children resolved once: every request is counted, and labels() takes a lock
+        self._finished: dict[tuple[int, str], tuple[Counter, Histogram]] = {}
+        self._sent = {fmt: self.response_bytes.labels(format=fmt) for fmt in FORMATS}
+
+    def count_request(self, status: int, outcome: str, seconds: float) -> None:
+        """One finished request: its status and outcome, and how long it took."""
+        series = self._finished.get((status, outcome))
+        if series is None:
+            series = self._finished[status, outcome] = (
+                self.requests.labels(code=str(status), outcome=outcome),
+                self.request_duration.labels(outcome=outcome),
+            )
+        series[0].inc()
+        series[1].observe(seconds)
+
+    def count_sent(self, fmt: str, size: int) -> None:
+        """Body bytes sent in ``fmt`` (one of FORMATS; anything else counts as other)."""
+        self._sent.get(fmt, self._sent["other"]).inc(size)
 
     def _create_fixed_series(self) -> None:
         for outcome, code in OUTCOMES.items():

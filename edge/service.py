@@ -181,6 +181,7 @@ class Service:
         self.pool = pool
         self.metrics = metrics
         self.policy = ParamPolicy.from_settings(settings)
+        self._cache_control = f"public, max-age={settings.http_max_age}"
         # Parsing is pure and hot (every hit): the same query string is parsed once.
         self._parse = functools.lru_cache(maxsize=PARSED_QUERIES)(self._parse_query)
         self._targets: dict[tuple[str, str, str | None, str | None, str | None], Target] = {}
@@ -418,9 +419,8 @@ class Service:
         self, entry: Entry, incoming: Incoming, hints: Sequence[str], state: str
     ) -> Reply:
         headers = self._success_headers(entry.etag, entry.last_modified)
-        vary = ([entry.vary] if entry.vary else []) + list(hints)
-        if vary:
-            headers["Vary"] = ", ".join(vary)
+        if entry.vary or hints:
+            headers["Vary"] = ", ".join((entry.vary, *hints) if entry.vary else hints)
         if etag_matches(incoming.headers.get("If-None-Match"), entry.etag):
             return Reply(304, b"", headers, outcome="not_modified", cache=state)
         headers["Content-Type"] = entry.content_type
@@ -676,7 +676,7 @@ class Service:
         return Reply(200, body.data, headers)
 
     def _success_headers(self, etag: str | None, last_modified: str | None) -> dict[str, str]:
-        headers = {"Cache-Control": f"public, max-age={self.settings.http_max_age}"}
+        headers = {"Cache-Control": self._cache_control}
         if etag:
             headers["ETag"] = etag
         if last_modified:

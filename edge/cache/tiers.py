@@ -95,6 +95,7 @@ class ResultCache:
         released (longer than any fill takes); ``lock_poll`` how often waiters look.
         ``clock`` is unix time, used for entry ages and rests (tests inject a fake)."""
         self._tiers = tuple(tiers)
+        self._memory = next((tier for tier in self._tiers if tier.name == "memory"), None)
         self._ttl = ttl
         self._stale_ttl = stale_ttl
         self.namespace = namespace
@@ -182,14 +183,26 @@ class ResultCache:
         timed = deadline.stage("cache_get") if deadline is not None else nullcontext()
         try:
             with timed:  # the request's record of the stage (and its tracing span)
-                return await self._look_up(key)
+                memory = self._memory
+                if memory is not self._tiers[0]:
+                    return await self._look_up(key, self._tiers, None)
+                # the memory tier in front answers a hot key without awaiting anything
+                first = self._read_memory(memory, key)
+                if first is not None and first.fresh:
+                    return first
+                stale = (first, memory) if first is not None else None
+                return await self._look_up(key, self._tiers[1:], stale)
         finally:
             self._observe("cache_get", time.perf_counter() - begun, None)
 
-    async def _look_up(self, key: str) -> Lookup | None:
-        stale: tuple[Lookup, Tier] | None = None
-        for tier in self._tiers:
-            lookup = await self._read(tier, key)
+    async def _look_up(
+        self, key: str, tiers: Sequence[Tier], stale: tuple[Lookup, Tier] | None
+    ) -> Lookup | None:
+        for tier in tiers:
+            if tier is self._memory:
+                lookup = self._read_memory(tier, key)
+            else:
+                lookup = await self._read_shared(tier, key)
             if lookup is None:
                 continue
             if lookup.fresh:
@@ -202,25 +215,24 @@ class ResultCache:
         await self._fill_memory(tier, key, lookup.entry)
         return lookup
 
-    async def _read(self, tier: Tier, key: str) -> Lookup | None:
-        """One tier's entry under ``key``, counted as hit, stale, miss or error."""
-        if isinstance(tier.backend, BoundedMemoryCache):
-            # in-process and already decoded: no timer, no rest, nothing to parse
-            entry = tier.backend.peek(key)
-            if entry is None:
-                self._count(tier, "miss")
-        else:
-            entry = await self._read_shared(tier, key)
+    def _read_memory(self, tier: Tier, key: str) -> Lookup | None:
+        """The memory tier's entry (kept decoded: nothing to parse, no timer, no rest)."""
+        entry = tier.backend.peek(key)
         if entry is None:
+            self._count(tier, "miss")
             return None
+        return self._judged(tier, entry)
+
+    def _judged(self, tier: Tier, entry: Entry) -> Lookup | None:
+        """``entry`` as a fresh or stale look-up (None: expired), counted."""
         fresh = self._freshness(entry)
         self._count(tier, _RESULT_OF_FRESHNESS[fresh])
         if fresh is None:
             return None
         return Lookup(entry, tier.name, fresh)
 
-    async def _read_shared(self, tier: Tier, key: str) -> Entry | None:
-        """The entry a shared tier holds, or None (a miss or an error, counted here)."""
+    async def _read_shared(self, tier: Tier, key: str) -> Lookup | None:
+        """A shared tier's entry under ``key``, counted as hit, stale, miss or error."""
         try:
             raw = await self._bounded(tier, lambda: tier.backend.get(key))
         except TierFailed:
@@ -230,11 +242,12 @@ class ResultCache:
             self._count(tier, "miss")
             return None
         try:
-            return decode(raw)
+            entry = decode(raw)
         except CorruptEntry as exc:
             log.warning("cache tier %s holds a corrupt entry under %s: %s", tier.name, key, exc)
             self._count(tier, "error")
             return None
+        return self._judged(tier, entry)
 
     def _freshness(self, entry: Entry) -> bool | None:
         """True fresh, False stale, None expired (a miss)."""
@@ -247,7 +260,7 @@ class ResultCache:
         return None
 
     async def _fill_memory(self, source: Tier, key: str, entry: Entry) -> None:
-        memory = self._memory_tier()
+        memory = self._memory
         if memory is None or memory is source:
             return
         life = self._remaining_life(entry)
@@ -286,7 +299,7 @@ class ResultCache:
         """Keep a short negative entry (a 404 or parameter 400) for ``ttl`` seconds, in the
         memory tier only: shared tiers must not spread one worker's view of a missing
         object. True if stored."""
-        memory = self._memory_tier()
+        memory = self._memory
         if memory is None or ttl <= 0:
             return False
         check_storable(entry)
@@ -515,9 +528,6 @@ class ResultCache:
             self._resting_until[index] = self._clock() + self._retry_after
         # one line per failure: while resting, the calls skipped are not logged
         log.warning("cache tier %s failed (%r); treating it as a miss", tier.name, exc)
-
-    def _memory_tier(self) -> Tier | None:
-        return next((tier for tier in self._tiers if tier.name == "memory"), None)
 
     def _count(self, tier: Tier, result: str) -> None:
         self._counters[tier.name, result].inc()

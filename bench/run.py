@@ -719,6 +719,8 @@ def run_w3(run: Run) -> None:
             )
             return
         body_file.write_bytes(body)
+        headers_file = SCRATCH / "w3-headers.json"
+        headers_file.write_text(json.dumps(headers))
         port = harness.free_port()
         bare = Server(
             name="bare",
@@ -729,6 +731,8 @@ def run_w3(run: Run) -> None:
                 str(port),
                 "--body",
                 str(body_file),
+                "--headers",
+                str(headers_file),
             ],
             port=port,
         )
@@ -778,8 +782,8 @@ def run_w3(run: Run) -> None:
         ["CPU-normalised: bare CPU per response / edge's", fmt_ratio(cpu_value)] + [""] * 5
     )
     section.notes.append(
-        f"edge's response: {len(body)} B; the bare handler sends the same bytes with "
-        "edge-like headers (no middleware, metrics or logging)"
+        f"edge's response: {len(body)} B; the bare handler sends the same body and "
+        "headers (no middleware, metrics or logging)"
     )
     run.report.raw["w3"] = {name: found.__dict__ for name, found in best.items()}
     run.report.targets.append(

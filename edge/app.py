@@ -63,9 +63,6 @@ METRICS = web.AppKey("metrics", Metrics)
 SERVICE = web.AppKey("service", Service)
 WORKER = web.AppKey("worker", WorkerRole)  # set only in a worker of EDGE_WORKERS > 1
 TRACING = web.AppKey("tracing", Tracing)
-DEADLINE = web.RequestKey("deadline", Deadline)
-REQUEST_ID = web.RequestKey("request_id", str)
-REPLY = web.RequestKey("reply", Reply)
 
 RESERVED = frozenset({"/metrics", "/healthz", "/readyz"})
 SECURITY_HEADERS = {
@@ -147,16 +144,24 @@ class PurgeLog:
 PURGE_LOG = web.AppKey("purge_log", PurgeLog)
 
 
-@dataclass
+@dataclass(slots=True)
 class RequestLog:
-    """What the middleware learns about one request, for metrics and the access log."""
+    """One request as the middleware follows it: its id and budget, the pipeline's reply,
+    and what it learns for the headers, the metrics and the access log."""
 
+    request_id: str
+    deadline: Deadline
+    #: the pipeline's answer (None for operator endpoints and failures)
+    reply: Reply | None = None
     status: int = 0
     outcome: str = "internal_error"
     label: str | None = None
     cache: str | None = None
     bytes: int = 0
     format_label: str = "other"
+
+
+LOG = web.RequestKey("log", RequestLog)
 
 
 def create_app(
@@ -409,11 +414,8 @@ async def outcome_middleware(
         return response
     app = request.app
     settings, metrics = app[SETTINGS], app[METRICS]
-    request_id = _request_id(request)
     deadline = _deadline(request, settings)
-    request[DEADLINE] = deadline
-    request[REQUEST_ID] = request_id
-    entry = RequestLog()
+    entry = request[LOG] = RequestLog(_request_id(request), deadline)
     tracing = app.get(TRACING)
     if tracing is not None:
         deadline.observer = tracing.stage_span
@@ -456,7 +458,7 @@ async def _respond(
         log.exception("unexpected error handling %s", redact(request.path_qs))
         bug = EdgeError("an unexpected error occurred; it has been logged")
         return _error_response(request, bug, entry, trace=traceback.format_exc())
-    reply: Reply | None = request.get(REPLY)
+    reply = entry.reply
     if reply is not None:
         entry.status, entry.outcome = reply.status, reply.outcome
         entry.cache, entry.format_label = reply.cache, reply.format_label
@@ -483,7 +485,7 @@ async def _send(
     deadline.current = None
     if isinstance(response, web.Response) and response.body_length:
         entry.bytes = response.body_length if request.method != "HEAD" else 0
-    reply: Reply | None = request.get(REPLY)
+    reply = entry.reply
     if reply is not None and reply.after is not None and entry.outcome == "ok":
         request.app[STATE].spawn(reply.after())
 
@@ -513,7 +515,7 @@ def _account(request: web.Request, entry: RequestLog, deadline: Deadline) -> Non
     if not ACCESS.isEnabledFor(logging.INFO):
         return  # EDGE_LOG_LEVEL=warning: the line would be built for nothing
     fields = {
-        "request_id": request[REQUEST_ID],
+        "request_id": entry.request_id,
         "method": request.method,
         "path": redact(request.path_qs),
         "status": entry.status,
@@ -540,7 +542,7 @@ def _error_response(
     body = error_body(
         error,
         level=settings.error_detail,
-        request_id=request[REQUEST_ID],
+        request_id=entry.request_id,
         fmt=fmt,
         traceback=trace,
     )
@@ -599,8 +601,9 @@ def _deadline(request: web.Request, settings: Settings) -> Deadline:
 
 def _common_headers(request: web.Request) -> dict[str, str]:
     settings = request.app[SETTINGS]
-    headers = {"X-Request-Id": request[REQUEST_ID], **ALWAYS_SENT}
-    deadline: Deadline = request[DEADLINE]
+    entry = request[LOG]
+    headers = {"X-Request-Id": entry.request_id, **ALWAYS_SENT}
+    deadline = entry.deadline
     timings = [
         f"{stage};dur={seconds * 1000:.1f}"
         for stage, seconds in deadline.spent.items()
@@ -610,6 +613,8 @@ def _common_headers(request: web.Request) -> dict[str, str]:
         headers["Server-Timing"] = ", ".join(timings)
         headers["Timing-Allow-Origin"] = "*"
     origins = settings.cors_origins
+    if not origins:
+        return headers
     caller = request.headers.get("Origin")
     if "*" in origins:
         headers["Access-Control-Allow-Origin"] = "*"
@@ -625,16 +630,16 @@ def _common_headers(request: web.Request) -> dict[str, str]:
 async def image(request: web.Request) -> web.StreamResponse:
     """Every object key: the image pipeline."""
     raw_path, _, raw_query = request.raw_path.partition("?")
+    entry = request[LOG]
     incoming = Incoming(
         raw_path=raw_path,
         raw_query=raw_query,
         read_query=lambda: list(request.query.items()),
         headers=request.headers,
-        request_id=request[REQUEST_ID],
-        deadline=request[DEADLINE],
+        request_id=entry.request_id,
+        deadline=entry.deadline,
     )
-    reply = await request.app[SERVICE].handle(incoming)
-    request[REPLY] = reply
+    reply = entry.reply = await request.app[SERVICE].handle(incoming)
     headers = _common_headers(request)
     if "Vary" in headers and "Vary" in reply.headers:
         reply.headers["Vary"] = f"{reply.headers['Vary']}, {headers.pop('Vary')}"

@@ -79,7 +79,11 @@ RSS_INTERVAL = 1.0
 KEEPALIVE_TIMEOUT = 75.0
 #: seconds a cancelled request gets to unwind at shutdown
 CANCEL_WAIT = 1.0
+#: ticks between trims under steady load
 TRIM_EVERY = 30
+#: an idle process trims once RSS is this much above what the last trim left
+TRIM_GROWTH = 1.1
+TRIM_SLACK = 16 * 1024 * 1024
 
 
 @dataclass
@@ -255,7 +259,7 @@ def _memory_limit_bytes(settings: Settings) -> int:
 
 
 async def _memory_watch(app: web.Application) -> AsyncIterator[None]:
-    """Sample RSS for the emergency brake and the gauge; trim malloc arenas when idle."""
+    """Sample RSS for the emergency brake and the gauge; trim malloc arenas after bursts."""
 
     role = app.get(WORKER)
     worker_rss = app[METRICS].worker_rss.labels(worker=str(role.index if role else 0))
@@ -265,6 +269,7 @@ async def _memory_watch(app: web.Application) -> AsyncIterator[None]:
     async def watch() -> None:
         trimmer, ticks = system.Trimmer(), 0
         admission = app[SERVICE].admission
+        trimmed_at = system.resident_bytes()
         while True:
             if broadcast is not None:  # purges other workers made, for our memory tier
                 for prefix in broadcast.read_new():
@@ -273,10 +278,14 @@ async def _memory_watch(app: web.Application) -> AsyncIterator[None]:
             worker_rss.set(rss)
             admission.observe_rss(rss)
             ticks += 1
-            # malloc_trim is safe while other threads allocate: under steady load there is
-            # rarely a moment with no transform, and waiting for one let RSS creep
-            if ticks % TRIM_EVERY == 0:
+            idle = admission.in_use == 0 and admission.waiting == 0
+            # glibc keeps what a burst of transforms freed; hand it back as soon as the
+            # burst is over, and now and then under steady load too (malloc_trim is safe
+            # while other threads allocate; waiting for an idle moment let RSS creep)
+            grown = rss > trimmed_at * TRIM_GROWTH + TRIM_SLACK
+            if (idle and grown) or ticks % TRIM_EVERY == 0:
                 await asyncio.to_thread(trimmer.trim)
+                trimmed_at = system.resident_bytes()
             await asyncio.sleep(RSS_INTERVAL)
 
     task = asyncio.create_task(watch())

@@ -69,6 +69,8 @@ STAND_IN_BUDGET = 3.0
 PARSED_QUERIES = 4096
 #: distinct (URL, negotiation headers) whose target is remembered
 REMEMBERED_TARGETS = 4096
+#: longest URL plus headers (or query, for the parse) remembered, in characters
+REMEMBERED_CHARS = 2048
 #: share of the remaining budget spent waiting for another process's fill of a cold key
 FILL_LOCK_SHARE = 0.5
 #: side of a generated error image when the request named no size
@@ -236,9 +238,11 @@ class Service:
         target = self._targets.get(memo_key)
         if target is None:
             target = self._work_out_target(incoming, memo_key[2], memo_key[3], memo_key[4])
-            if len(self._targets) >= REMEMBERED_TARGETS:
-                del self._targets[next(iter(self._targets))]  # the oldest goes first
-            self._targets[memo_key] = target
+            # long URLs or headers are worked out each time: the memo's memory stays small
+            if sum(len(part) for part in memo_key if part) <= REMEMBERED_CHARS:
+                if len(self._targets) >= REMEMBERED_TARGETS:
+                    del self._targets[next(iter(self._targets))]  # the oldest goes first
+                self._targets[memo_key] = target
         incoming.key, incoming.request, incoming.target = target.key, target.request, target
         return target
 
@@ -251,7 +255,9 @@ class Service:
             # Checked first: an unsigned request learns nothing, not even a 400.
             verify(incoming.raw_path, incoming.raw_query, self.settings.signing_keys)
         key = incoming.key = parse_key(incoming.raw_path)
-        request = incoming.request = self._parse(tuple(incoming.query))
+        pairs = tuple(incoming.query)
+        short = len(incoming.raw_query) <= REMEMBERED_CHARS
+        request = incoming.request = (self._parse if short else self._parse_query)(pairs)
         origin, routed = self.origins.route(key, request.origin, request.bucket)
         request, hints = apply_client_hints(request, dpr, width, self.settings.max_output_dimension)
         accepted = accepted_formats(accept)

@@ -148,6 +148,39 @@ async def test_auto_format_varies_on_accept_and_keys_on_the_choice(
         assert response.headers["X-Edge-Cache"] == "miss"
 
 
+async def test_hits_keep_to_the_format_each_accept_header_negotiated(
+    aiohttp_client: Any, origin: FakeOrigin
+) -> None:
+    client = await edge(aiohttp_client, origin)
+    path = "/ok/flowers-1920x1080.jpg?w=120&format=auto"
+    expected = {"image/webp,*/*": "webp", "*/*": "jpeg"}
+    for accept in expected:
+        assert (await client.get(path, headers={"Accept": accept})).status == 200
+    await drain(client)
+    for _ in range(2):  # alternating: what one header negotiated never answers the other
+        for accept, fmt in expected.items():
+            hit = await client.get(path, headers={"Accept": accept})
+            assert hit.headers["X-Edge-Cache"] == "hit"
+            assert loader_format(decode(await hit.read())) == fmt
+    assert origin.events["request:ok"] == 2
+
+
+async def test_a_memory_hit_answers_what_the_miss_did(
+    aiohttp_client: Any, origin: FakeOrigin
+) -> None:
+    client = await edge(aiohttp_client, origin)
+    path = "/ok/flowers-1920x1080.jpg?w=64&h=48&format=png"
+    miss = await client.get(path)
+    body = await miss.read()
+    await drain(client)
+    hit = await client.get(path)
+    assert (hit.headers["X-Edge-Cache"], miss.headers["X-Edge-Cache"]) == ("hit", "miss")
+    assert await hit.read() == body  # the very bytes this process rendered, kept as they were
+    for name in ("Content-Type", "ETag", "Last-Modified", "Cache-Control", "Surrogate-Key"):
+        assert hit.headers[name] == miss.headers[name]
+    assert hit.headers["X-Request-Id"] != miss.headers["X-Request-Id"]
+
+
 async def test_redis_tier_shares_results_between_processes(
     aiohttp_client: Any, origin: FakeOrigin, redis_server: Service
 ) -> None:

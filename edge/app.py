@@ -83,6 +83,10 @@ KEEPALIVE_TIMEOUT = 75.0
 #: seconds a cancelled request gets to unwind at shutdown
 CANCEL_WAIT = 1.0
 TRIM_EVERY = 30
+#: nice levels between the event loop and the transform threads (and libvips' workers,
+#: which inherit it): under overload a core is the event loop's first, so a refusal or a
+#: finished transform's hand-over never waits behind pixels
+TRANSFORM_NICE = 10
 
 
 @dataclass
@@ -212,7 +216,12 @@ def _service_context(
         queue = settings.queue_size if settings.queue_size is not None else 4 * slots
         origins = await Origins.from_settings(settings, metrics, default=given_origin)
         cache = ResultCache.from_settings(settings, metrics, clock=cache_clock)
-        pool = concurrent.futures.ThreadPoolExecutor(slots, thread_name_prefix="edge-vips")
+        pool = concurrent.futures.ThreadPoolExecutor(
+            slots,
+            thread_name_prefix="edge-vips",
+            initializer=system.lower_thread_priority,
+            initargs=(TRANSFORM_NICE,),
+        )
         admission = Admission(
             slots=slots,
             queue_size=queue,

@@ -84,6 +84,10 @@ TRIM_EVERY = 30
 #: an idle process trims once RSS is this much above what the last trim left
 TRIM_GROWTH = 1.1
 TRIM_SLACK = 16 * 1024 * 1024
+#: nice levels between the event loop and the transform threads (and libvips' workers,
+#: which inherit it): under overload a core is the event loop's first, so a refusal or a
+#: finished transform's hand-over never waits behind pixels
+TRANSFORM_NICE = 10
 
 
 @dataclass
@@ -221,7 +225,12 @@ def _service_context(
         queue = settings.queue_size if settings.queue_size is not None else 4 * slots
         origins = await Origins.from_settings(settings, metrics, default=given_origin)
         cache = ResultCache.from_settings(settings, metrics, clock=cache_clock)
-        pool = concurrent.futures.ThreadPoolExecutor(slots, thread_name_prefix="edge-vips")
+        pool = concurrent.futures.ThreadPoolExecutor(
+            slots,
+            thread_name_prefix="edge-vips",
+            initializer=system.lower_thread_priority,
+            initargs=(TRANSFORM_NICE,),
+        )
         admission = Admission(
             slots=slots,
             queue_size=queue,

@@ -9,6 +9,8 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import os
+import sys
+import threading
 from pathlib import Path
 
 _CGROUP = Path("/sys/fs/cgroup")
@@ -88,6 +90,22 @@ def thread_count() -> int:
         if line.startswith("Threads:"):
             return int(line.split()[1])
     return 0
+
+
+def lower_thread_priority(steps: int) -> bool:
+    """Make the calling thread ``steps`` nice levels less urgent than it is (Linux only,
+    where nice is per thread and threads it starts inherit it); whether it was done.
+
+    Lowering is always allowed, even unprivileged; raising it back is not.
+    """
+    if not sys.platform.startswith("linux"):
+        return False  # elsewhere PRIO_PROCESS names the whole process, not a thread
+    thread = threading.get_native_id()
+    try:
+        os.setpriority(os.PRIO_PROCESS, thread, os.getpriority(os.PRIO_PROCESS, thread) + steps)
+    except OSError:
+        return False
+    return True
 
 
 #: glibc's mallopt parameter number for the arena cap

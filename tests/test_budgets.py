@@ -8,12 +8,16 @@ back at zero, and the contract's invariants between counters hold.
 from __future__ import annotations
 
 import asyncio
+import os
+import sys
+import threading
 import time
 from typing import Any
 
 import aiohttp
 import pytest
 
+from edge.app import SERVICE, TRANSFORM_NICE
 from tests.fake_origin import FakeOrigin
 from tests.helpers import metric, metric_sum, start_edge
 
@@ -259,3 +263,18 @@ async def test_cache_hits_are_served_while_every_slot_and_the_queue_are_full(
     assert hit.status == 200
     assert hit.headers["X-Edge-Cache"] == "hit"
     await slow
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="nice is per thread on Linux")
+async def test_transforms_run_below_the_event_loops_cpu_priority(
+    aiohttp_client: Any, origin: FakeOrigin
+) -> None:
+    client = await edge(aiohttp_client, origin)
+    assert (await client.get("/ok/flowers-1920x1080.jpg?w=20")).status == 200
+
+    def nice() -> int:
+        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    pool = client.server.app[SERVICE].pool
+    in_pool = await asyncio.get_running_loop().run_in_executor(pool, nice)
+    assert in_pool == min(19, nice() + TRANSFORM_NICE)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import sys
 import threading
 
 import pytest
@@ -34,3 +36,32 @@ def test_malloc_arenas_are_capped_unless_the_environment_says(
     assert system.cap_malloc_arenas(2) is False
     monkeypatch.delenv("MALLOC_ARENA_MAX")
     assert system.cap_malloc_arenas(2) is True  # glibc (Debian)
+
+
+def _nice() -> int:
+    return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="nice is per thread on Linux")
+def test_lowering_priority_touches_the_calling_thread_and_the_threads_it_starts() -> None:
+    seen: dict[str, int] = {}
+
+    def child() -> None:
+        seen["child"] = _nice()
+
+    def lowered() -> None:
+        seen["before"] = _nice()
+        seen["done"] = system.lower_thread_priority(3)
+        seen["after"] = _nice()
+        started = threading.Thread(target=child)
+        started.start()
+        started.join()
+
+    main_before = _nice()
+    worker = threading.Thread(target=lowered)
+    worker.start()
+    worker.join()
+    assert seen["done"] is True
+    assert seen["after"] == min(19, seen["before"] + 3)
+    assert seen["child"] == seen["after"]  # libvips' workers inherit it the same way
+    assert _nice() == main_before  # the event loop's thread keeps its priority

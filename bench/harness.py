@@ -321,7 +321,11 @@ class Server:
             cwd=self.cwd,
             stdout=log,
             stderr=subprocess.STDOUT,
-            start_new_session=True,
+            # its own process group (stopped as one), but the bench's session: with the
+            # kernel's per-session autogroups a server in a new session would be a rival
+            # scheduling group to the load generator, and starve it of the CPU it needs to
+            # send on time; in one group, nice levels rank threads as in a container
+            process_group=0,
         )
         log.close()
         deadline = time.monotonic() + self.start_timeout

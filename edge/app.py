@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import gc
 import hmac
 import json
 import logging
@@ -349,6 +350,10 @@ async def run_server(
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
+    # Everything built so far (modules, settings, clients) lives as long as the process:
+    # leave it out of the collector's full passes, which would otherwise walk ~75k objects
+    # for 10-20 ms every few thousand requests, a pause every request in flight waits out.
+    gc.freeze()
     if worker:
         worker.announce_ready()
     await stop.wait()

@@ -232,6 +232,14 @@ def wait_idle(pids: Sequence[int], limit: float = 90.0, busy: float = 0.1) -> fl
     return time.monotonic() - started
 
 
+def _group_alive(group: int) -> bool:
+    try:
+        os.killpg(group, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
 def rss_bytes(pid: int) -> int:
     """VmRSS of a process from /proc/<pid>/status, 0 once it is gone."""
     try:
@@ -343,16 +351,21 @@ class Server:
         raise RuntimeError(f"{self.name} did not answer within {self.start_timeout}s")
 
     def stop(self) -> None:
-        if self.process is None or self.process.poll() is not None:
+        """Stop the whole process group: a peer's forked workers can outlive their
+        parent while they finish a render, and would slow the next measurement down."""
+        if self.process is None:
             return
+        group = self.process.pid
         with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.process.pid, signal.SIGTERM)
-        try:
+            os.killpg(group, signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
             self.process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait(timeout=10)
+        deadline = time.monotonic() + 10
+        while _group_alive(group) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(group, signal.SIGKILL)
+        self.process.wait(timeout=10)
 
     def log_tail(self, lines: int = 15) -> str:
         if self.log_path is None or not self.log_path.exists():

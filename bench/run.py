@@ -278,9 +278,20 @@ class Measured:
 
 
 def _server_once(
-    run: Run, server: Server, paths: Sequence[str], label: str, connections: int | None = None
+    run: Run,
+    server: Server,
+    paths: Sequence[str],
+    label: str,
+    connections: int | None = None,
+    *,
+    rivals: Sequence[Server] = (),
 ) -> tuple[Measured, LoadResult]:
-    """One closed-loop measurement of a running server, with its CPU per response."""
+    """One closed-loop measurement of a running server, with its CPU per response.
+    ``rivals``: servers left running beside it, first given time to finish what the
+    previous round left them (a peer still rendering would slow edge down unseen: its
+    CPU counts as ours, not as others')."""
+    for rival in rivals:
+        harness.wait_idle(rival.all_pids())
     pids = server.all_pids()
     harness.wait_idle(pids)
     cpu_before = _cpu_snapshot(pids)
@@ -645,9 +656,9 @@ def _peer_w1(
     peer_best: Measured | None = None
     for index in range(rounds):
         log(f"W1: edge vs {name} (round {index + 1} of {rounds}) ...")
-        found, _ = _server_once(run, edge, w1_paths(run), f"edge (vs {name})")
+        found, _ = _server_once(run, edge, w1_paths(run), f"edge (vs {name})", rivals=[peer.server])
         edge_best = found.best_of(edge_best)
-        found, _ = _server_once(run, peer.server, paths, name)
+        found, _ = _server_once(run, peer.server, paths, name, rivals=[edge])
         peer_best = found.best_of(peer_best)
     assert edge_best is not None
     assert peer_best is not None

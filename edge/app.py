@@ -80,11 +80,6 @@ RSS_INTERVAL = 1.0
 KEEPALIVE_TIMEOUT = 75.0
 #: seconds a cancelled request gets to unwind at shutdown
 CANCEL_WAIT = 1.0
-#: ticks between trims under steady load
-TRIM_EVERY = 30
-#: an idle process trims once RSS is this much above what the last trim left
-TRIM_GROWTH = 1.1
-TRIM_SLACK = 16 * 1024 * 1024
 #: nice levels between the event loop and the transform threads (and libvips' workers,
 #: which inherit it): under overload a core is the event loop's first, so a refusal or a
 #: finished transform's hand-over never waits behind pixels
@@ -277,9 +272,8 @@ async def _memory_watch(app: web.Application) -> AsyncIterator[None]:
     broadcast, cache = app.get(PURGE_LOG), app[SERVICE].cache
 
     async def watch() -> None:
-        trimmer, ticks = system.Trimmer(), 0
-        admission = app[SERVICE].admission
-        trimmed_at = system.resident_bytes()
+        trimmer, policy = system.Trimmer(), system.TrimPolicy(system.resident_bytes())
+        admission, state = app[SERVICE].admission, app[STATE]
         while True:
             if broadcast is not None:  # purges other workers made, for our memory tier
                 for prefix in broadcast.read_new():
@@ -287,15 +281,11 @@ async def _memory_watch(app: web.Application) -> AsyncIterator[None]:
             rss = system.resident_bytes()
             worker_rss.set(rss)
             admission.observe_rss(rss)
-            ticks += 1
-            idle = admission.in_use == 0 and admission.waiting == 0
-            # glibc keeps what a burst of transforms freed; hand it back as soon as the
-            # burst is over, and now and then under steady load too (malloc_trim is safe
-            # while other threads allocate; waiting for an idle moment let RSS creep)
-            grown = rss > trimmed_at * TRIM_GROWTH + TRIM_SLACK
-            if (idle and grown) or ticks % TRIM_EVERY == 0:
+            # idle: nothing in flight, not even a fetch, nor a transform outliving its request
+            idle = not state.serving and admission.in_use == 0
+            if policy.due(rss, idle=idle):
                 await asyncio.to_thread(trimmer.trim)
-                trimmed_at = system.resident_bytes()
+                policy.trimmed(system.resident_bytes(), idle=idle)
             await asyncio.sleep(RSS_INTERVAL)
 
     task = asyncio.create_task(watch())

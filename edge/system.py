@@ -142,3 +142,33 @@ class Trimmer:
         if self._trim is None:
             return False
         return bool(self._trim(0))
+
+
+class TrimPolicy:
+    """When to call malloc_trim, from one RSS sample a second.
+
+    glibc keeps what a burst of transforms freed; it is handed back as soon as the
+    process is idle again with RSS well above the floor its last idle trim left, and
+    every ``every`` samples under steady load too (malloc_trim is safe while other
+    threads allocate; waiting for an idle moment let RSS creep). Only idle trims move
+    the floor: one taken mid-burst, with originals and tiles still live, would set it so
+    high that the burst's garbage never looks like growth.
+    """
+
+    def __init__(
+        self, floor: int, *, every: int = 30, growth: float = 1.1, slack: int = 16 << 20
+    ) -> None:
+        self.floor, self._every, self._growth, self._slack = floor, every, growth, slack
+        self._samples = 0
+
+    def due(self, rss: int, *, idle: bool) -> bool:
+        """Whether to trim now; call once per sample."""
+        self._samples += 1
+        if idle and rss > self.floor * self._growth + self._slack:
+            return True
+        return self._samples % self._every == 0
+
+    def trimmed(self, rss_after: int, *, idle: bool) -> None:
+        """Record a trim's result: while idle it is the new floor."""
+        if idle:
+            self.floor = rss_after

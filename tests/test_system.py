@@ -65,3 +65,26 @@ def test_lowering_priority_touches_the_calling_thread_and_the_threads_it_starts(
     assert seen["after"] == min(19, seen["before"] + 3)
     assert seen["child"] == seen["after"]  # libvips' workers inherit it the same way
     assert _nice() == main_before  # the event loop's thread keeps its priority
+
+
+MIB = 1 << 20
+
+
+def test_an_idle_process_trims_once_a_burst_left_rss_above_its_floor() -> None:
+    policy = system.TrimPolicy(100 * MIB, every=30)
+    assert not policy.due(105 * MIB, idle=True)  # within the slack: nothing to hand back
+    assert not policy.due(400 * MIB, idle=False)  # busy: the burst's memory is live
+    assert policy.due(300 * MIB, idle=True)  # the burst is over: trim now
+    policy.trimmed(110 * MIB, idle=True)
+    assert policy.floor == 110 * MIB
+    assert not policy.due(112 * MIB, idle=True)
+
+
+def test_a_trim_under_load_does_not_raise_the_idle_floor() -> None:
+    policy = system.TrimPolicy(100 * MIB, every=3)
+    due = [policy.due(350 * MIB, idle=False) for _ in range(3)]
+    assert due == [False, False, True]  # the periodic trim under steady load
+    policy.trimmed(330 * MIB, idle=False)
+    assert policy.floor == 100 * MIB
+    # so the garbage the burst leaves still counts as growth once it is over
+    assert policy.due(200 * MIB, idle=True)

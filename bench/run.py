@@ -755,39 +755,17 @@ def run_w3(run: Run) -> None:
                     ("bare", bare, "bare aiohttp handler"),
                 ):
                     log(f"W3: {name} (round {index + 1}) ...")
-                    closed_loop(
-                        server.base,
-                        [path],
-                        connections=connections,
-                        seconds=max(1.0, run.args.warmup),
-                        force_python=run.args.python_load,
-                    )
-                    measured, _ = _server_once(
-                        run, server, [path], f"{label}, {connections} conns", connections
-                    )
+                    measured = _hits_once(run, server, path, label, connections)
                     best[name] = measured.best_of(best.get(name))
     section.rows.extend(found.row() for found in best.values())
     spread: Measured | None = None
     if workers and cores() > 1:
-        log(f"W3: edge with EDGE_WORKERS={cores()} (for information) ...")
+        log(f"W3: edge with EDGE_WORKERS={cores()} ...")
         with edge_server("edge-w3-workers", {**env, "EDGE_WORKERS": str(cores())}) as edge:
             http_get(edge.base + path, timeout=60)
-            closed_loop(
-                edge.base,
-                [path],
-                connections=connections,
-                seconds=max(1.0, run.args.warmup),
-                force_python=run.args.python_load,
-            )
-            measured, _ = _server_once(
-                run,
-                edge,
-                [path],
-                f"edge, EDGE_WORKERS={cores()}, {connections} conns",
-                connections,
-            )
-        section.rows.append(measured.row())
-        spread = measured
+            label = f"edge, EDGE_WORKERS={cores()}"
+            spread = _hits_once(run, edge, path, label, connections)
+        section.rows.append(spread.row())
     value = ratio(best["edge"].rps, best["bare"].rps)
     cpu_value = ratio(best["bare"].cpu_ms, best["edge"].cpu_ms)
     section.rows.append(["edge / bare", fmt_ratio(value)] + [""] * 5)
@@ -824,6 +802,19 @@ def run_w3(run: Run) -> None:
                 note=shortfall(spread_value, 0.8),
             )
         )
+
+
+def _hits_once(run: Run, server: Server, path: str, label: str, connections: int) -> Measured:
+    """Warm ``server`` on the one W3 URL for the warm-up time, then measure it."""
+    closed_loop(
+        server.base,
+        [path],
+        connections=connections,
+        seconds=max(1.0, run.args.warmup),
+        force_python=run.args.python_load,
+    )
+    measured, _ = _server_once(run, server, [path], f"{label}, {connections} conns", connections)
+    return measured
 
 
 # --------------------------------------------------------------------------- W4

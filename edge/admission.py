@@ -4,9 +4,10 @@ A transform runs only while it holds a slot (EDGE_MAX_CONCURRENCY) and a memory
 reservation sized from its probed header. Beyond the slots, at most EDGE_QUEUE_SIZE
 requests wait; the next is shed at once (QueueFull); a waiter still queued when its
 budget ends is shed (QueueTimeout, never a 504). Reservations plus the baseline RSS
-measured at start must fit EDGE_MEMORY_LIMIT (MemoryShed); a measured RSS above the limit
-pulls an emergency brake that holds until RSS falls below ``BRAKE_RELEASE`` of it. Cache
-hits and health checks never come here, so they are never shed.
+measured at start, plus the originals held by queued requests, must fit
+EDGE_MEMORY_LIMIT (MemoryShed); a measured RSS above the limit pulls an emergency brake
+that holds until RSS falls below ``BRAKE_RELEASE`` of it. Cache hits and health checks
+never come here, so they are never shed.
 
 A slot is released when the transform's thread actually ends (see ``Ticket.release``),
 not when the request gives up: a killed pipeline keeps its slot until libvips stops.
@@ -57,6 +58,8 @@ class Admission:
         self.baseline = baseline
         self._metrics = metrics
         self._free = slots
+        #: bytes held by requests waiting in the queue (see ``admit``)
+        self._queued = 0
         self._waiters: deque[asyncio.Future[None]] = deque()
         self._reserved = 0
         self._braking = False
@@ -86,10 +89,19 @@ class Admission:
                 "too many transforms waiting", detail=f"EDGE_QUEUE_SIZE={self.queue_size}"
             )
 
-    async def admit(self, reserve: int, deadline: Deadline) -> Ticket:
-        """Wait (FIFO, until the deadline) for a slot, then reserve ``reserve`` bytes."""
+    async def admit(self, reserve: int, deadline: Deadline, *, held: int = 0) -> Ticket:
+        """Wait (FIFO, until the deadline) for a slot, then reserve ``reserve`` bytes.
+
+        ``held`` is what the request already holds while it waits (its original): it
+        counts against the limit until the request leaves the queue, so a queue of
+        large originals cannot outgrow the limit unseen.
+        """
         self._check_memory(reserve)
-        await self._take_slot(deadline)
+        self._queued += held
+        try:
+            await self._take_slot(deadline)
+        finally:
+            self._queued -= held
         self._reserved += reserve
         self._metrics.memory_reserved.set(self._reserved)
         self._metrics.transforms_in_progress.set(self.in_use)
@@ -107,11 +119,13 @@ class Admission:
             raise MemoryShed("memory is over the limit; try again shortly")
         # An estimate that could never fit alone is still admitted when nothing else is
         # reserved: refusing it forever would turn an honest request into a permanent 503.
-        over = self.baseline + self._reserved + reserve > self.memory_limit
+        held = self._reserved + self._queued
+        over = self.baseline + held + reserve > self.memory_limit
         if over and self._reserved > 0:
             raise MemoryShed(
                 "not enough memory for this transform right now",
-                detail=f"reserved {self._reserved} + {reserve} over {self.memory_limit}",
+                detail=f"reserved {self._reserved} + queued {self._queued} + {reserve} "
+                f"over {self.memory_limit}",
             )
 
     async def _take_slot(self, deadline: Deadline) -> None:

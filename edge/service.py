@@ -531,7 +531,7 @@ class Service:
         kill: KillSwitch,
     ) -> imaging.Output:
         with deadline.stage("queue"):
-            ticket = await self.admission.admit(plan.memory_estimate, deadline)
+            ticket = await self.admission.admit(plan.memory_estimate, deadline, held=len(data))
         with deadline.stage("transform"):
             future = asyncio.get_running_loop().run_in_executor(
                 self.pool, imaging.transform, data, info, plan, spec, kill

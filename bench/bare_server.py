@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import uuid
+import os
 from pathlib import Path
 
 from aiohttp import web
@@ -38,7 +38,7 @@ def make_app(body: bytes, headers: dict[str, str] | None = None) -> web.Applicat
     }
 
     async def image(request: web.Request) -> web.Response:
-        headers = {**fixed, "X-Request-Id": uuid.uuid4().hex}
+        headers = {**fixed, "X-Request-Id": os.urandom(16).hex()}
         return web.Response(body=body, headers=headers)
 
     async def healthz(request: web.Request) -> web.Response:

@@ -797,7 +797,7 @@ def run_w3(run: Run) -> None:
             Target(
                 f"W3 edge (EDGE_WORKERS={cores()}) hits / bare aiohttp (one process)",
                 spread_value,
-                ">= 0.8 (the issue's EDGE_WORKERS lever)",
+                ">= 0.8 (EDGE_WORKERS as the hit lever)",
                 lambda v: v >= 0.8,
                 note=shortfall(spread_value, 0.8),
             )

@@ -274,6 +274,11 @@ async def _memory_watch(app: web.Application) -> AsyncIterator[None]:
     async def watch() -> None:
         trimmer, policy = system.Trimmer(), system.TrimPolicy(system.resident_bytes())
         admission, state = app[SERVICE].admission, app[STATE]
+
+        def idle() -> bool:
+            """Nothing in flight, not even a fetch, nor a transform outliving its request."""
+            return not state.serving and admission.in_use == 0
+
         while True:
             if broadcast is not None:  # purges other workers made, for our memory tier
                 for prefix in broadcast.read_new():
@@ -281,11 +286,10 @@ async def _memory_watch(app: web.Application) -> AsyncIterator[None]:
             rss = system.resident_bytes()
             worker_rss.set(rss)
             admission.observe_rss(rss)
-            # idle: nothing in flight, not even a fetch, nor a transform outliving its request
-            idle = not state.serving and admission.in_use == 0
-            if policy.due(rss, idle=idle):
+            if policy.due(rss, idle=idle()):
                 await asyncio.to_thread(trimmer.trim)
-                policy.trimmed(system.resident_bytes(), idle=idle)
+                # asked again: a request arriving during the trim makes its RSS no floor
+                policy.trimmed(system.resident_bytes(), idle=idle())
             await asyncio.sleep(RSS_INTERVAL)
 
     task = asyncio.create_task(watch())
@@ -320,6 +324,11 @@ async def run_server(
         keepalive_timeout=KEEPALIVE_TIMEOUT,
     )
     await runner.setup()
+    # Everything built so far (modules, settings, clients) lives as long as the process:
+    # leave it out of the collector's full passes, which would otherwise walk ~75k objects
+    # for 10-20 ms every few thousand requests, a pause every request in flight waits out.
+    gc.collect()
+    gc.freeze()
     site = web.TCPSite(
         runner, settings.host, settings.port, backlog=1024, reuse_port=worker is not None
     )
@@ -340,10 +349,6 @@ async def run_server(
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
-    # Everything built so far (modules, settings, clients) lives as long as the process:
-    # leave it out of the collector's full passes, which would otherwise walk ~75k objects
-    # for 10-20 ms every few thousand requests, a pause every request in flight waits out.
-    gc.freeze()
     if worker:
         worker.announce_ready()
     await stop.wait()

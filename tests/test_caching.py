@@ -165,6 +165,44 @@ async def test_hits_keep_to_the_format_each_accept_header_negotiated(
     assert origin.events["request:ok"] == 2
 
 
+async def test_hits_keep_to_the_size_each_width_hint_asked_for(
+    aiohttp_client: Any, origin: FakeOrigin
+) -> None:
+    client = await edge(aiohttp_client, origin)
+    path = "/ok/flowers-1920x1080.jpg?format=png"
+    widths = {"200": 200, "400": 400}
+    for hint in widths:
+        assert (await client.get(path, headers={"Sec-CH-Width": hint})).status == 200
+    await drain(client)
+    for _ in range(2):  # alternating: one hint's variant never answers the other
+        for hint, width in widths.items():
+            hit = await client.get(path, headers={"Sec-CH-Width": hint})
+            assert hit.headers["X-Edge-Cache"] == "hit"
+            assert "Sec-CH-Width" in hit.headers["Vary"]
+            assert decode(await hit.read()).width == width
+    assert origin.events["request:ok"] == 2
+
+
+async def test_a_memory_tier_behind_redis_is_filled_and_read(
+    aiohttp_client: Any, origin: FakeOrigin, redis_server: Service
+) -> None:
+    client = await edge(aiohttp_client, origin, EDGE_CACHE=f"{redis_server.url},memory")
+    path = "/ok/flowers-1920x1080.jpg?w=90"
+    assert (await client.get(path)).headers["X-Edge-Cache"] == "miss"
+    await drain(client)
+    hit = await client.get(path)
+    assert hit.headers["X-Edge-Cache"] == "hit"
+    assert await metric(client, "edge_cache_requests_total", tier="redis", result="hit") == 1
+    redis_server.kill()  # Redis, first in line, is gone: the memory tier behind it answers
+    for _ in range(2):
+        hit = await client.get(path)
+        assert hit.headers["X-Edge-Cache"] == "hit"
+        assert decode(await hit.read()).width == 90
+    assert await metric(client, "edge_cache_requests_total", tier="memory", result="hit") == 2
+    assert await metric(client, "edge_cache_requests_total", tier="redis", result="error") >= 1
+    assert origin.events["request:ok"] == 1
+
+
 async def test_a_memory_hit_answers_what_the_miss_did(
     aiohttp_client: Any, origin: FakeOrigin
 ) -> None:

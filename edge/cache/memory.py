@@ -47,7 +47,8 @@ class _Item(NamedTuple):
 
 
 class BoundedMemoryCache(BaseCache):  # type: ignore[misc]  # aiocache is untyped
-    """Owns the worker's cached bytes: at most ``max_bytes``, least recently used out first.
+    """Owns the worker's cached values: at most ``max_bytes`` of them, least recently used
+    out first.
 
     ``size_of`` weighs a value in bytes and raises TypeError for one it cannot (the
     default takes only ``bytes``). An item larger than the whole bound is not stored

@@ -27,7 +27,6 @@ from edge.cache.backends import Tier, open_tier
 from edge.cache.envelope import CorruptEntry, Entry, check_storable, decode, encode
 from edge.cache.keys import cache_key, lock_key, object_prefix
 from edge.cache.lock import RedisFillLock
-from edge.cache.memory import BoundedMemoryCache
 from edge.metrics import Metrics
 from edge.settings import Settings
 
@@ -279,15 +278,17 @@ class ResultCache:
             return {}
         begun = time.perf_counter()
         try:
-            check_storable(entry)
             # the memory tier keeps the entry itself; shared tiers get one envelope
-            raw = encode(entry) if any(tier.shared for tier in self._tiers) else b""
+            shared = any(tier is not self._memory for tier in self._tiers)
+            raw = encode(entry) if shared else b""  # encode checks the entry too
+            if not shared:
+                check_storable(entry)
             life = self._remaining_life(entry)
             if life <= 0:
                 return {tier.name: "skipped" for tier in self._tiers}
             results = await asyncio.gather(
                 *(
-                    self._write(tier, key, raw if tier.shared else entry, life)
+                    self._write(tier, key, entry if tier is self._memory else raw, life)
                     for tier in self._tiers
                 )
             )
@@ -350,7 +351,7 @@ class ResultCache:
         """
         total = 0
         for tier in self._tiers:
-            if isinstance(tier.backend, BoundedMemoryCache):
+            if tier is self._memory:
                 total += tier.backend.delete_prefix(prefix)
             elif tier.name == "redis":
                 total += await self._purge_redis(tier, prefix)
@@ -361,11 +362,7 @@ class ResultCache:
     def purge_memory(self, prefix: str) -> int:
         """Drop ``prefix``'s entries from this process's memory tier only (a purge made
         by another worker, which already reached the shared tiers)."""
-        return sum(
-            tier.backend.delete_prefix(prefix)
-            for tier in self._tiers
-            if isinstance(tier.backend, BoundedMemoryCache)
-        )
+        return self._memory.backend.delete_prefix(prefix) if self._memory else 0
 
     async def _purge_memcached(self, tier: Tier, prefix: str) -> int:
         """memcached cannot list keys: drop the variants its per-object index names."""

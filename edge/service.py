@@ -249,7 +249,7 @@ class Service:
     def _work_out_target(
         self, incoming: Incoming, accept: str | None, dpr: str | None, width: str | None
     ) -> Target:
-        """Verify, parse, route and key a request (pure: the same inputs, the same target).
+        """Verify, parse, route and key a request (the same inputs give the same target).
         What it learns goes into ``incoming`` as it goes, for stand-in images."""
         if self.settings.signing_keys:
             # Checked first: an unsigned request learns nothing, not even a 400.

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import sys
 from collections import OrderedDict
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from edge.cache.envelope import Entry, entry_size
 from edge.cache.memory import BoundedMemoryCache, item_size
 from tests.helpers import FakeClock
 
@@ -170,3 +172,18 @@ async def test_the_cache_behaves_like_a_byte_bounded_lru(ops: list[tuple[str, st
             model.pop(key, None)
         assert cache.size_bytes == sum(item_size(k, len(value(s))) for k, s in model.items())
         assert cache.size_bytes <= bound
+
+
+async def test_entries_are_charged_what_they_take_in_memory() -> None:
+    # a flood of tiny negative entries: the objects, not their few bytes of text, are
+    # what fills memory, so they must be what fills the bound
+    cache = BoundedMemoryCache(100_000, size_of=entry_size)
+    for index in range(2000):
+        missing = Entry(b"", "text/plain", None, None, 1.0, status=404, error="not_found")
+        await cache.set(f"k{index}", missing)
+    held = [cache.peek(f"k{index}") for index in range(2000)]
+    live = [entry for entry in held if entry is not None]
+    parts = [(entry, entry.body, entry.content_type, entry.error) for entry in live]
+    actual = sum(sys.getsizeof(part) for four in parts for part in four)
+    assert cache.size_bytes <= 100_000
+    assert cache.size_bytes >= actual  # never charged less than the objects take

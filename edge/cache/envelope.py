@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 import struct
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -85,12 +86,13 @@ def _metadata_of(entry: Entry) -> dict[str, Any]:
 
 
 def entry_size(entry: Entry) -> int:
-    """What an entry held in memory weighs: its body and texts (the object overhead is
-    the memory tier's per-item allowance)."""
+    """What an entry held in memory weighs: the object, its body and its texts, as the
+    interpreter counts them (a flood of tiny negative entries is mostly overhead)."""
     if not isinstance(entry, Entry):
         raise TypeError(f"the memory tier holds entries, not {type(entry).__name__}")
     texts = (entry.content_type, *(getattr(entry, name) for name in _OPTIONAL_TEXT))
-    return len(entry.body) + sum(len(text) for text in texts if text)
+    parts = (entry, entry.body, *(text for text in texts if text is not None))
+    return sum(sys.getsizeof(part) for part in parts)
 
 
 def check_storable(entry: Entry) -> None:

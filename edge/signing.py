@@ -92,11 +92,11 @@ def signed_url(url: str, key: bytes) -> str:
 
 def _split_target(url: str) -> tuple[str, str]:
     """``("https://host", "/key?query")`` for an absolute URL, ``("", url)`` for a path."""
+    if url.startswith("/"):  # a path, even one holding "://" further on
+        return "", url
     scheme, separator, rest = url.partition("://")
     if not separator:
-        if not url.startswith("/"):
-            raise ValueError("expected an absolute http(s) URL or a path starting with /")
-        return "", url
+        raise ValueError("expected an absolute http(s) URL or a path starting with /")
     starts = [index for index in (rest.find("/"), rest.find("?")) if index >= 0]
     if not starts:
         return url, "/"

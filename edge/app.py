@@ -24,8 +24,8 @@ import signal
 import time
 import traceback
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from contextlib import nullcontext
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -313,7 +313,7 @@ async def run_server(
     app = create_app(settings, registry=registry, tracing=tracing, purge_log=purge_log)
     if worker:
         app[WORKER] = worker
-    runner = _Runner(
+    runner = EdgeRunner(
         app,
         access_log=None,
         handler_cancellation=True,
@@ -388,15 +388,61 @@ class _HeaderedServer(Server):
         return _HeaderedRequestHandler(self, loop=self._loop, **self._kwargs)
 
 
-class _Runner(web.AppRunner):
-    """An AppRunner whose connections use ``_HeaderedRequestHandler``."""
+class EdgeRunner(web.AppRunner):
+    """The AppRunner edge serves with (tests too): connections use
+    ``_HeaderedRequestHandler``, and requests go to ``HitsFirst`` before the application."""
 
     async def _make_server(self) -> Server:
         server = await super()._make_server()
         # aiohttp builds its Server inside the application; only the class that makes
         # connection handlers differs, so the instance is adopted rather than rebuilt.
         server.__class__ = _HeaderedServer
+        server.request_handler = HitsFirst(self.app, server.request_handler)
         return server
+
+
+#: the methods of the image route, the only route whose URLs the service remembers
+HIT_METHODS = frozenset({"GET", "HEAD"})
+
+
+class HitsFirst:
+    """The server's request handler: answers a URL the service has worked out before, when
+    its image is fresh in the memory tier, without routing it; every other request goes to
+    the application (routing, the outcome middleware, the pipeline).
+
+    On a warm service most requests are such hits, and aiohttp's routing and middleware
+    chain plus the pipeline's general path cost about as much again as answering one
+    (bench W3). The answer, its headers, its metrics and its access-log line come from the
+    functions the middleware uses; a hit cannot fail, so it has no error path of its own.
+    """
+
+    def __init__(
+        self,
+        app: web.Application,
+        handler: Callable[[web.BaseRequest], Awaitable[web.StreamResponse]],
+    ) -> None:
+        self._app, self._handler = app, handler
+        self._service, self._settings = app[SERVICE], app[SETTINGS]
+        # With tracing on every request gets its span: the middleware's path makes it.
+        self._enabled = TRACING not in app
+
+    async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
+        if self._enabled and request.method in HIT_METHODS:
+            raw_path, _, raw_query = request.raw_path.partition("?")
+            deadline = Deadline.after(self._settings.backend_timeout)
+            reply = self._service.remembered_hit(raw_path, raw_query, request.headers, deadline)
+            if reply is not None:
+                return await _follow(
+                    self._app, request, deadline, partial(self._answer, request, reply)
+                )
+        return await self._handler(request)
+
+    async def _answer(
+        self, request: web.BaseRequest, reply: Reply, entry: RequestLog
+    ) -> web.StreamResponse:
+        entry.reply = reply
+        _note_reply(entry, reply)
+        return _reply_response(request, self._settings, reply)
 
 
 async def _metrics_site(metrics: Metrics, host: str, port: int) -> web.AppRunner:
@@ -431,21 +477,31 @@ async def outcome_middleware(
         response.headers.update(always)
         return response
     app = request.app
-    settings, metrics = app[SETTINGS], app[METRICS]
-    deadline = _deadline(request, settings)
-    entry = request[LOG] = RequestLog(_request_id(request), deadline)
+    deadline = _deadline(request, app[SETTINGS])
     tracing = app.get(TRACING)
-    if tracing is not None:
-        deadline.observer = tracing.stage_span
+    if tracing is None:
+        return await _follow(app, request, deadline, partial(_respond, request, handler))
+    deadline.observer = tracing.stage_span
+    with tracing.request_span("edge", request.headers):
+        return await _follow(app, request, deadline, partial(_respond, request, handler))
+
+
+async def _follow(
+    app: web.Application,
+    request: web.BaseRequest,
+    deadline: Deadline,
+    respond: Callable[[RequestLog], Awaitable[web.StreamResponse]],
+) -> web.StreamResponse:
+    """Follow one request of the pipeline from its id to its access-log line: answer it
+    with ``respond``, send the answer, and account for it whatever happens."""
+    entry = request[LOG] = RequestLog(_request_id(request), deadline)
+    metrics, serving, task = app[METRICS], app[STATE].serving, asyncio.current_task()
     metrics.inflight.inc()
-    span = tracing.request_span("edge", request.headers) if tracing else nullcontext()
-    serving, task = app[STATE].serving, asyncio.current_task()
     if task is not None:
         serving.add(task)
     try:
-        with span:
-            response = await _respond(request, handler, entry)
-            await _send(request, response, deadline, entry)
+        response = await respond(entry)
+        await _send(app, request, response, entry)
         return response
     except asyncio.CancelledError:
         _client_closed(entry, deadline)
@@ -453,7 +509,7 @@ async def outcome_middleware(
     finally:
         serving.discard(task)
         metrics.inflight.dec()
-        _account(request, entry, deadline)
+        _account(app, request, entry)
 
 
 async def _respond(
@@ -468,7 +524,8 @@ async def _respond(
         return _error_response(request, error, entry)
     except web.HTTPException as exc:  # routing: 405 for other methods, and the like
         entry.status, entry.outcome = exc.status, _outcome_for_status(exc.status)
-        headers = {**exc.headers, **_common_headers(request), "Cache-Control": "no-store"}
+        common = _common_headers(request, request.app[SETTINGS])
+        headers = {**exc.headers, **common, "Cache-Control": "no-store"}
         return web.Response(status=exc.status, body=exc.body, headers=headers)
     except (asyncio.CancelledError, KeyboardInterrupt, SystemExit):
         raise
@@ -476,21 +533,26 @@ async def _respond(
         log.exception("unexpected error handling %s", redact(request.path_qs))
         bug = EdgeError("an unexpected error occurred; it has been logged")
         return _error_response(request, bug, entry, trace=traceback.format_exc())
-    reply = entry.reply
-    if reply is not None:
-        entry.status, entry.outcome = reply.status, reply.outcome
-        entry.cache, entry.format_label = reply.cache, reply.format_label
-        if reply.error is not None:  # an image stood in: count the failure it answers for
-            entry.label = reply.error.label
+    if entry.reply is not None:
+        _note_reply(entry, entry.reply)
     else:  # operator endpoints answer plain responses
         entry.status, entry.outcome = response.status, _outcome_for_status(response.status)
     return response
 
 
+def _note_reply(entry: RequestLog, reply: Reply) -> None:
+    """What the pipeline's reply tells the metrics and the access log."""
+    entry.status, entry.outcome = reply.status, reply.outcome
+    entry.cache, entry.format_label = reply.cache, reply.format_label
+    if reply.error is not None:  # an image stood in: count the failure it answers for
+        entry.label = reply.error.label
+
+
 async def _send(
-    request: web.Request, response: web.StreamResponse, deadline: Deadline, entry: RequestLog
+    app: web.Application, request: web.BaseRequest, response: web.StreamResponse, entry: RequestLog
 ) -> None:
     """Send the response here, not after the middleware, so a lost client is a 499."""
+    deadline = entry.deadline
     deadline.current = "send"
     try:
         await response.prepare(request)
@@ -501,11 +563,11 @@ async def _send(
             return
         raise
     deadline.current = None
-    if isinstance(response, web.Response) and response.body_length:
-        entry.bytes = response.body_length if request.method != "HEAD" else 0
+    if isinstance(response, web.Response) and request.method != "HEAD":
+        entry.bytes = response.content_length or 0  # the body's, not the headers' too
     reply = entry.reply
     if reply is not None and reply.after is not None and entry.outcome == "ok":
-        request.app[STATE].spawn(reply.after())
+        app[STATE].spawn(reply.after())
 
 
 def _client_closed(entry: RequestLog, deadline: Deadline) -> None:
@@ -513,9 +575,9 @@ def _client_closed(entry: RequestLog, deadline: Deadline) -> None:
     entry.status, entry.outcome, entry.label = 499, "client_closed", stage
 
 
-def _account(request: web.Request, entry: RequestLog, deadline: Deadline) -> None:
+def _account(app: web.Application, request: web.BaseRequest, entry: RequestLog) -> None:
     """One metrics update and one access-log line for the request, whatever happened."""
-    metrics = request.app[METRICS]
+    metrics, deadline = app[METRICS], entry.deadline
     duration = time.monotonic() - deadline.started
     metrics.count_request(entry.status, entry.outcome, duration)
     for stage, seconds in deadline.spent.items():
@@ -564,7 +626,7 @@ def _error_response(
         fmt=fmt,
         traceback=trace,
     )
-    headers = _common_headers(request)
+    headers = _common_headers(request, settings)
     headers["Content-Type"] = body.content_type
     if error.cacheable and settings.error_max_age > 0:
         headers["Cache-Control"] = f"public, max-age={settings.error_max_age}"
@@ -598,7 +660,7 @@ def _outcome_for_status(status: int) -> str:
     }.get(status, "bad_request" if status < 500 else "internal_error")
 
 
-def _request_id(request: web.Request) -> str:
+def _request_id(request: web.BaseRequest) -> str:
     given = request.headers.get("X-Request-Id")
     if given and _REQUEST_ID.match(given):
         return given
@@ -617,8 +679,8 @@ def _deadline(request: web.Request, settings: Settings) -> Deadline:
     return deadline
 
 
-def _common_headers(request: web.Request) -> dict[str, str]:
-    settings = request.app[SETTINGS]
+def _common_headers(request: web.BaseRequest, settings: Settings) -> dict[str, str]:
+    """The headers of every answer of the pipeline: id, timing and CORS."""
     entry = request[LOG]
     headers = {"X-Request-Id": entry.request_id, **ALWAYS_SENT}
     deadline = entry.deadline
@@ -658,7 +720,12 @@ async def image(request: web.Request) -> web.StreamResponse:
         deadline=entry.deadline,
     )
     reply = entry.reply = await request.app[SERVICE].handle(incoming)
-    headers = _common_headers(request)
+    return _reply_response(request, request.app[SETTINGS], reply)
+
+
+def _reply_response(request: web.BaseRequest, settings: Settings, reply: Reply) -> web.Response:
+    """The pipeline's reply as an HTTP response, with the headers every answer carries."""
+    headers = _common_headers(request, settings)
     if "Vary" in headers and "Vary" in reply.headers:
         reply.headers["Vary"] = f"{reply.headers['Vary']}, {headers.pop('Vary')}"
     headers.update(reply.headers)
@@ -740,7 +807,7 @@ def _process_stats(app: web.Application) -> dict[str, int]:
 
 
 def _json_response(request: web.Request, payload: Mapping[str, object]) -> web.Response:
-    headers = _common_headers(request)
+    headers = _common_headers(request, request.app[SETTINGS])
     headers["Cache-Control"] = "no-store"
     headers["Content-Type"] = "application/json"
     return web.Response(body=json.dumps(payload).encode(), headers=headers)

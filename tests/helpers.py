@@ -8,14 +8,23 @@ from typing import Any
 
 import pyvips
 from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.web_runner import BaseRunner
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
-from edge.app import create_app
+from edge.app import EdgeRunner, create_app
 from edge.origins import Origin
 from edge.settings import Settings, load_settings
 
 MakeClient = Callable[..., Awaitable[TestClient[Any, Any]]]
+
+
+class EdgeTestServer(TestServer):
+    """aiohttp's TestServer on edge's own runner, so hits take edge's hit path as in
+    production (a plain TestServer would send every request through the application)."""
+
+    async def _make_runner(self, **kwargs: Any) -> BaseRunner:
+        return EdgeRunner(self.app, **kwargs)
 
 
 class FakeClock:
@@ -42,7 +51,7 @@ async def start_edge(
         settings_from(env), registry=CollectorRegistry(), origin=origin, cache_clock=cache_clock
     )
     # aiohttp's TestServer runs handlers with handler_cancellation on, as edge's server does
-    client: TestClient[Any, Any] = await aiohttp_client(app)
+    client: TestClient[Any, Any] = await aiohttp_client(EdgeTestServer(app))
     return client
 
 
@@ -53,7 +62,7 @@ async def running_edge(
     """edge on a loopback port for the duration of the block (for hypothesis examples,
     where a function-scoped fixture would keep every example's server alive)."""
     app = create_app(settings_from(env), registry=CollectorRegistry(), origin=origin)
-    server = TestServer(app)  # handler_cancellation on, as in edge's own server
+    server = EdgeTestServer(app)  # handler_cancellation on, as in edge's own server
     async with TestClient(server) as client:
         yield client
 

@@ -122,12 +122,14 @@ async def test_a_purge_reaches_the_memory_of_every_worker(
     from prometheus_client import CollectorRegistry
 
     from edge.app import create_app
-    from tests.helpers import settings_from
+    from tests.helpers import EdgeTestServer, settings_from
 
     settings = settings_from({"EDGE_ADMIN_TOKEN": TOKEN})
     log = tmp_path / "purges.log"
     one, two = [
-        await aiohttp_client(create_app(settings, registry=CollectorRegistry(), purge_log=log))
+        await aiohttp_client(
+            EdgeTestServer(create_app(settings, registry=CollectorRegistry(), purge_log=log))
+        )
         for _ in range(2)
     ]
     for client in (one, two):

@@ -14,7 +14,7 @@ from prometheus_client import CollectorRegistry
 from edge.app import create_app
 from edge.tracing import Tracing, from_environ
 from tests.fake_origin import FakeOrigin
-from tests.helpers import settings_from
+from tests.helpers import EdgeTestServer, settings_from
 
 pytest.importorskip("opentelemetry.sdk", reason="the otel extra is not installed")
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import (
@@ -41,7 +41,7 @@ async def test_a_span_per_stage_under_the_callers_trace(
         registry=CollectorRegistry(),
         tracing=Tracing.with_exporter(exporter),
     )
-    client = await aiohttp_client(app)
+    client = await aiohttp_client(EdgeTestServer(app))
     response = await client.get(
         "/ok/flowers-1920x1080.jpg?w=50", headers={"traceparent": TRACEPARENT}
     )
@@ -56,6 +56,11 @@ async def test_a_span_per_stage_under_the_callers_trace(
     sent = origin.headers[-1]["traceparent"]
     assert sent.split("-")[1] == TRACE_ID
     assert sent.split("-")[2] == f"{spans['fetch'].context.span_id:016x}"
+    # a cache hit is traced too: with tracing on, hits take the middleware's path
+    exporter.clear()
+    again = await client.get("/ok/flowers-1920x1080.jpg?w=50", headers={"traceparent": TRACEPARENT})
+    assert again.headers["X-Edge-Cache"] == "hit"
+    assert {span.name for span in exporter.get_finished_spans()} == {"edge", "cache_get"}
 
 
 def test_tracing_is_off_without_otel_variables() -> None:

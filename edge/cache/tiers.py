@@ -194,6 +194,23 @@ class ResultCache:
         finally:
             self._observe("cache_get", time.perf_counter() - begun, None)
 
+    def fresh_in_memory(self, key: str, deadline: Deadline) -> Entry | None:
+        """A fresh image under ``key`` in the memory tier in front, read without awaiting
+        anything; None otherwise (uncounted: the full ``get`` that follows counts it).
+
+        Negative entries are left to ``get`` as well: they answer with an error.
+        """
+        memory = self._memory
+        if memory is None or memory is not self._tiers[0]:
+            return None
+        begun = time.perf_counter()
+        entry: Entry | None = memory.backend.peek(key)
+        if entry is None or entry.status != 200 or self._freshness(entry) is not True:
+            return None
+        self._count(memory, "hit")
+        self._observe("cache_get", time.perf_counter() - begun, deadline)
+        return entry
+
     async def _look_up(
         self, key: str, tiers: Sequence[Tier], stale: tuple[Lookup, Tier] | None
     ) -> Lookup | None:

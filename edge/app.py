@@ -23,7 +23,7 @@ import re
 import signal
 import time
 import traceback
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, MutableMapping
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -33,6 +33,7 @@ from urllib.parse import quote
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_server import Server
+from multidict import CIMultiDict
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     GC_COLLECTOR,
@@ -155,6 +156,8 @@ class RequestLog:
 
     request_id: str
     deadline: Deadline
+    #: the task serving the request (drained at shutdown)
+    task: asyncio.Task[Any] | None
     #: the pipeline's answer (None for operator endpoints and failures)
     reply: Reply | None = None
     status: int = 0
@@ -403,6 +406,8 @@ class EdgeRunner(web.AppRunner):
 
 #: the methods of the image route, the only route whose URLs the service remembers
 HIT_METHODS = frozenset({"GET", "HEAD"})
+#: response heads the hit path keeps made (a few hundred bytes each)
+REMEMBERED_HEADS = 1024
 
 
 class HitsFirst:
@@ -421,10 +426,12 @@ class HitsFirst:
         app: web.Application,
         handler: Callable[[web.BaseRequest], Awaitable[web.StreamResponse]],
     ) -> None:
-        self._app, self._handler = app, handler
+        self._handler = handler
         self._service, self._settings = app[SERVICE], app[SETTINGS]
+        self._metrics, self._state = app[METRICS], app[STATE]
         # With tracing on every request gets its span: the middleware's path makes it.
         self._enabled = TRACING not in app
+        self._heads: dict[int, tuple[Mapping[str, str], CIMultiDict[str]]] = {}
 
     async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
         if self._enabled and request.method in HIT_METHODS:
@@ -432,9 +439,8 @@ class HitsFirst:
             deadline = Deadline.after(self._settings.backend_timeout)
             reply = self._service.remembered_hit(raw_path, raw_query, request.headers, deadline)
             if reply is not None:
-                return await _follow(
-                    self._app, request, deadline, partial(self._answer, request, reply)
-                )
+                answer = partial(self._answer, request, reply)
+                return await _follow(self._metrics, self._state, request, deadline, answer)
         return await self._handler(request)
 
     async def _answer(
@@ -442,7 +448,20 @@ class HitsFirst:
     ) -> web.StreamResponse:
         entry.reply = reply
         _note_reply(entry, reply)
-        return _reply_response(request, self._settings, reply)
+        return _reply_response(request, self._settings, reply, self._head_of(reply))
+
+    def _head_of(self, reply: Reply) -> CIMultiDict[str]:
+        """``_reply_head(reply)``, made once per shared set of reply headers (the service
+        hands every unconditional hit on one entry the same headers)."""
+        known = self._heads.get(id(reply.headers))
+        if known is not None and known[0] is reply.headers:
+            return known[1]
+        head = _reply_head(reply)
+        if len(self._heads) >= REMEMBERED_HEADS:
+            del self._heads[next(iter(self._heads))]  # the oldest goes first
+        # the headers are kept with their head: their id cannot be reused meanwhile
+        self._heads[id(reply.headers)] = (reply.headers, head)
+        return head
 
 
 async def _metrics_site(metrics: Metrics, host: str, port: int) -> web.AppRunner:
@@ -477,39 +496,54 @@ async def outcome_middleware(
         response.headers.update(always)
         return response
     app = request.app
+    metrics, state = app[METRICS], app[STATE]
     deadline = _deadline(request, app[SETTINGS])
+    respond = partial(_respond, request, handler)
     tracing = app.get(TRACING)
     if tracing is None:
-        return await _follow(app, request, deadline, partial(_respond, request, handler))
+        return await _follow(metrics, state, request, deadline, respond)
     deadline.observer = tracing.stage_span
     with tracing.request_span("edge", request.headers):
-        return await _follow(app, request, deadline, partial(_respond, request, handler))
+        return await _follow(metrics, state, request, deadline, respond)
 
 
 async def _follow(
-    app: web.Application,
+    metrics: Metrics,
+    state: AppState,
     request: web.BaseRequest,
     deadline: Deadline,
     respond: Callable[[RequestLog], Awaitable[web.StreamResponse]],
 ) -> web.StreamResponse:
     """Follow one request of the pipeline from its id to its access-log line: answer it
     with ``respond``, send the answer, and account for it whatever happens."""
-    entry = request[LOG] = RequestLog(_request_id(request), deadline)
-    metrics, serving, task = app[METRICS], app[STATE].serving, asyncio.current_task()
-    metrics.inflight.inc()
-    if task is not None:
-        serving.add(task)
+    entry = _opened(metrics, state, request, deadline)
     try:
         response = await respond(entry)
-        await _send(app, request, response, entry)
+        await _send(state, request, response, entry)
         return response
     except asyncio.CancelledError:
         _client_closed(entry, deadline)
         raise
     finally:
-        serving.discard(task)
-        metrics.inflight.dec()
-        _account(app, request, entry)
+        _closed(metrics, state, request, entry)
+
+
+def _opened(
+    metrics: Metrics, state: AppState, request: web.BaseRequest, deadline: Deadline
+) -> RequestLog:
+    """A request of the pipeline begins: its id and log, in flight, drained at shutdown."""
+    entry = request[LOG] = RequestLog(_request_id(request), deadline, asyncio.current_task())
+    metrics.inflight.inc()
+    if entry.task is not None:
+        state.serving.add(entry.task)
+    return entry
+
+
+def _closed(metrics: Metrics, state: AppState, request: web.BaseRequest, entry: RequestLog) -> None:
+    """A request of the pipeline ends, whatever happened: counted and logged."""
+    state.serving.discard(entry.task)
+    metrics.inflight.dec()
+    _account(metrics, request, entry)
 
 
 async def _respond(
@@ -549,7 +583,7 @@ def _note_reply(entry: RequestLog, reply: Reply) -> None:
 
 
 async def _send(
-    app: web.Application, request: web.BaseRequest, response: web.StreamResponse, entry: RequestLog
+    state: AppState, request: web.BaseRequest, response: web.StreamResponse, entry: RequestLog
 ) -> None:
     """Send the response here, not after the middleware, so a lost client is a 499."""
     deadline = entry.deadline
@@ -563,11 +597,15 @@ async def _send(
             return
         raise
     deadline.current = None
-    if isinstance(response, web.Response) and request.method != "HEAD":
-        entry.bytes = response.content_length or 0  # the body's, not the headers' too
     reply = entry.reply
+    if request.method != "HEAD":  # body bytes, not the headers' too; HEAD sends none
+        entry.bytes = len(reply.body) if reply is not None else _body_length(response)
     if reply is not None and reply.after is not None and entry.outcome == "ok":
-        app[STATE].spawn(reply.after())
+        state.spawn(reply.after())
+
+
+def _body_length(response: web.StreamResponse) -> int:
+    return (response.content_length or 0) if isinstance(response, web.Response) else 0
 
 
 def _client_closed(entry: RequestLog, deadline: Deadline) -> None:
@@ -575,9 +613,9 @@ def _client_closed(entry: RequestLog, deadline: Deadline) -> None:
     entry.status, entry.outcome, entry.label = 499, "client_closed", stage
 
 
-def _account(app: web.Application, request: web.BaseRequest, entry: RequestLog) -> None:
+def _account(metrics: Metrics, request: web.BaseRequest, entry: RequestLog) -> None:
     """One metrics update and one access-log line for the request, whatever happened."""
-    metrics, deadline = app[METRICS], entry.deadline
+    deadline = entry.deadline
     duration = time.monotonic() - deadline.started
     metrics.count_request(entry.status, entry.outcome, duration)
     for stage, seconds in deadline.spent.items():
@@ -680,28 +718,35 @@ def _deadline(request: web.Request, settings: Settings) -> Deadline:
 
 
 def _common_headers(request: web.BaseRequest, settings: Settings) -> dict[str, str]:
-    """The headers of every answer of the pipeline: id, timing and CORS."""
+    """The headers of every answer of the pipeline: the constant ones, id, timing, CORS."""
+    headers = dict(ALWAYS_SENT)
+    _add_request_headers(headers, request, settings)
+    return headers
+
+
+def _add_request_headers(
+    headers: MutableMapping[str, str], request: web.BaseRequest, settings: Settings
+) -> None:
+    """The headers each request has its own values of: id, Server-Timing, CORS."""
     entry = request[LOG]
-    headers = {"X-Request-Id": entry.request_id, **ALWAYS_SENT}
-    deadline = entry.deadline
-    timings = [
-        f"{stage};dur={seconds * 1000:.1f}"
-        for stage, seconds in deadline.spent.items()
-        if stage in TIMING_STAGES
-    ]
+    headers["X-Request-Id"] = entry.request_id
+    timings = []  # a loop, not a comprehension: this runs on every hit
+    for stage, seconds in entry.deadline.spent.items():
+        if stage in TIMING_STAGES:
+            timings.append(f"{stage};dur={seconds * 1000:.1f}")
     if timings:
         headers["Server-Timing"] = ", ".join(timings)
         headers["Timing-Allow-Origin"] = "*"
     origins = settings.cors_origins
     if not origins:
-        return headers
+        return
     caller = request.headers.get("Origin")
     if "*" in origins:
         headers["Access-Control-Allow-Origin"] = "*"
     elif caller and caller in origins:
         headers["Access-Control-Allow-Origin"] = caller
-        headers["Vary"] = "Origin"
-    return headers
+        vary = headers.get("Vary")
+        headers["Vary"] = f"{vary}, Origin" if vary else "Origin"
 
 
 # --- handlers ---------------------------------------------------------------------------
@@ -723,17 +768,30 @@ async def image(request: web.Request) -> web.StreamResponse:
     return _reply_response(request, request.app[SETTINGS], reply)
 
 
-def _reply_response(request: web.BaseRequest, settings: Settings, reply: Reply) -> web.Response:
-    """The pipeline's reply as an HTTP response, with the headers every answer carries."""
-    headers = _common_headers(request, settings)
-    if "Vary" in headers and "Vary" in reply.headers:
-        reply.headers["Vary"] = f"{reply.headers['Vary']}, {headers.pop('Vary')}"
-    headers.update(reply.headers)
+def _reply_response(
+    request: web.BaseRequest,
+    settings: Settings,
+    reply: Reply,
+    head: CIMultiDict[str] | None = None,
+) -> web.Response:
+    """The pipeline's reply as an HTTP response; ``head`` is ``_reply_head(reply)`` when
+    the caller has it already."""
+    if head is None:
+        head = _reply_head(reply)
+    response = web.Response(status=reply.status, body=reply.body, headers=head)
+    _add_request_headers(response.headers, request, settings)
+    return response
+
+
+def _reply_head(reply: Reply) -> CIMultiDict[str]:
+    """The headers a reply's response carries whichever request it answers."""
+    head = CIMultiDict(ALWAYS_SENT)
+    head.update(reply.headers)
     if reply.cache is not None:
-        headers["X-Edge-Cache"] = reply.cache
+        head["X-Edge-Cache"] = reply.cache
     # Browsers only honour Accept-CH on documents; sent here for CDNs and clients that read it.
-    headers["Accept-CH"] = CLIENT_HINTS
-    return web.Response(status=reply.status, body=reply.body, headers=headers)
+    head["Accept-CH"] = CLIENT_HINTS
+    return head
 
 
 async def healthz(request: web.Request) -> web.Response:

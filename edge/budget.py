@@ -37,7 +37,7 @@ class KillSwitch:
         return self._event.is_set()
 
 
-@dataclass
+@dataclass(slots=True)
 class Deadline:
     """When the request's budget ends (``time.monotonic`` seconds) and how it was spent."""
 

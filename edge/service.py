@@ -127,6 +127,19 @@ class Target:
     tag: str
 
 
+@dataclass(slots=True)
+class _Remembered:
+    """A target as remembered, with the headers of its last unconditional hit.
+
+    The hit is known by its entry's creation time and validator, not by the entry: holding
+    the entry would keep its body alive after the memory tier dropped it.
+    """
+
+    target: Target
+    hit_stamp: tuple[float, str | None] | None = None
+    hit_headers: dict[str, str] = field(default_factory=dict)
+
+
 @dataclass
 class Reply:
     """What to send: the HTTP layer adds the headers every response carries."""
@@ -186,7 +199,7 @@ class Service:
         self._cache_control = f"public, max-age={settings.http_max_age}"
         # Parsing is pure and hot (every hit): the same query string is parsed once.
         self._parse = functools.lru_cache(maxsize=PARSED_QUERIES)(self._parse_query)
-        self._targets: dict[tuple[str, str, str | None, str | None, str | None], Target] = {}
+        self._targets: dict[tuple[str, str, str | None, str | None, str | None], _Remembered] = {}
         #: EDGE_ERROR_IMAGE's bytes when it names an origin key (see load_error_image)
         self._error_image_bytes: bytes | None = None
         self.limits = imaging.Limits(
@@ -223,14 +236,27 @@ class Service:
 
         The HTTP layer asks this before routing. A None costs a dictionary look-up or two
         and counts nothing: ``handle`` then serves the request and counts what it finds.
+        The headers of an unconditional hit are shared by every hit on the same entry:
+        read them, never change them.
         """
-        target = self._targets.get(_memo_key(raw_path, raw_query, headers))
-        if target is None or target.cache_key is None:
+        remembered = self._targets.get(_memo_key(raw_path, raw_query, headers))
+        if remembered is None:
+            return None
+        target = remembered.target
+        if target.cache_key is None:
             return None
         entry = self.cache.fresh_in_memory(target.cache_key, deadline)
         if entry is None:
             return None
-        return _tag(self._entry_reply(entry, headers, target.hints, "hit"), target)
+        if "If-None-Match" in headers:  # the answer depends on the request: not shared
+            return _tag(self._entry_reply(entry, headers, target.hints, "hit"), target)
+        stamp = (entry.created, entry.etag)
+        if remembered.hit_stamp != stamp:
+            reply = _tag(self._entry_reply(entry, {}, target.hints, "hit"), target)
+            remembered.hit_headers, remembered.hit_stamp = reply.headers, stamp
+            return reply
+        label = entry.content_type.removeprefix("image/")
+        return Reply(200, entry.body, remembered.hit_headers, format_label=label, cache="hit")
 
     async def purge(self, key: str) -> tuple[str, int]:
         """Drop every cached variant of ``key`` (routed like a request) from every tier
@@ -243,14 +269,16 @@ class Service:
         """What the request names: remembered per URL and negotiation headers, so a hot
         URL is verified, parsed, routed and keyed once rather than on every hit."""
         memo_key = _memo_key(incoming.raw_path, incoming.raw_query, incoming.headers)
-        target = self._targets.get(memo_key)
-        if target is None:
+        remembered = self._targets.get(memo_key)
+        if remembered is not None:
+            target = remembered.target
+        else:
             target = self._work_out_target(incoming, memo_key[2], memo_key[3], memo_key[4])
             # long URLs or headers are worked out each time: the memo's memory stays small
             if sum(len(part) for part in memo_key if part) <= REMEMBERED_CHARS:
                 if len(self._targets) >= REMEMBERED_TARGETS:
                     del self._targets[next(iter(self._targets))]  # the oldest goes first
-                self._targets[memo_key] = target
+                self._targets[memo_key] = _Remembered(target)
         incoming.key, incoming.request, incoming.target = target.key, target.request, target
         return target
 

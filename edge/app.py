@@ -21,6 +21,7 @@ import logging
 import os
 import re
 import signal
+import sys
 import time
 import traceback
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, MutableMapping
@@ -85,6 +86,9 @@ CANCEL_WAIT = 1.0
 #: which inherit it): under overload a core is the event loop's first, so a refusal or a
 #: finished transform's hand-over never waits behind pixels
 TRANSFORM_NICE = 10
+#: seconds a thread may hold the GIL while another waits for it (Python's default is 5 ms):
+#: a transform thread back from libvips, or the loop with a request, waits at most this long
+GIL_SWITCH_INTERVAL = 0.0005
 
 
 @dataclass
@@ -332,6 +336,8 @@ async def run_server(
     # for 10-20 ms every few thousand requests, a pause every request in flight waits out.
     gc.collect()
     gc.freeze()
+    # Measured on W1 (2 cores, 2 slots): 60.1 req/s at the default 5 ms, 62.5 at 0.5 ms.
+    sys.setswitchinterval(GIL_SWITCH_INTERVAL)
     site = web.TCPSite(
         runner, settings.host, settings.port, backlog=1024, reuse_port=worker is not None
     )

@@ -454,7 +454,8 @@ class HitsFirst:
     ) -> web.StreamResponse:
         entry.reply = reply
         _note_reply(entry, reply)
-        return _reply_response(request, self._settings, reply, self._head_of(reply))
+        head = self._head_of(reply) if reply.shared else None
+        return _reply_response(request, self._settings, reply, head)
 
     def _head_of(self, reply: Reply) -> CIMultiDict[str]:
         """``_reply_head(reply)``, made once per shared set of reply headers (the service

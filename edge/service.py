@@ -156,6 +156,8 @@ class Reply:
     after: Callable[[], Awaitable[None]] | None = None
     #: errors carried by a substitute image (error/default image) keep their outcome
     error: EdgeError | None = field(default=None)
+    #: the headers are shared with other replies (the hits on one entry): read-only
+    shared: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -236,8 +238,8 @@ class Service:
 
         The HTTP layer asks this before routing. A None costs a dictionary look-up or two
         and counts nothing: ``handle`` then serves the request and counts what it finds.
-        The headers of an unconditional hit are shared by every hit on the same entry:
-        read them, never change them.
+        The headers of an unconditional hit are shared by every hit on the same entry
+        (``Reply.shared``): read them, never change them.
         """
         remembered = self._targets.get(_memo_key(raw_path, raw_query, headers))
         if remembered is None:
@@ -254,9 +256,9 @@ class Service:
         if remembered.hit_stamp != stamp:
             reply = _tag(self._entry_reply(entry, {}, target.hints, "hit"), target)
             remembered.hit_headers, remembered.hit_stamp = reply.headers, stamp
-            return reply
         label = entry.content_type.removeprefix("image/")
-        return Reply(200, entry.body, remembered.hit_headers, format_label=label, cache="hit")
+        headers = remembered.hit_headers
+        return Reply(200, entry.body, headers, format_label=label, cache="hit", shared=True)
 
     async def purge(self, key: str) -> tuple[str, int]:
         """Drop every cached variant of ``key`` (routed like a request) from every tier

@@ -13,8 +13,9 @@ from aiohttp.test_utils import TestServer
 from prometheus_client import CollectorRegistry
 
 from edge.app import SERVICE, STATE, create_app
+from tests.conftest import SHARED_IMAGES
 from tests.fake_origin import FakeOrigin
-from tests.helpers import EdgeTestServer, decode, metric, settings_from
+from tests.helpers import EdgeTestServer, FakeClock, decode, metric, settings_from
 
 URL = "/ok/flowers-1920x1080.jpg?width=200&format=jpeg"
 #: headers whose values differ between two answers of the same request
@@ -29,11 +30,14 @@ async def origin() -> Any:
 
 
 async def serve(
-    aiohttp_client: Any, origin: FakeOrigin, server: type[TestServer], **env: str
+    aiohttp_client: Any,
+    origin: FakeOrigin,
+    server: type[TestServer],
+    clock: FakeClock | None = None,
+    **env: str,
 ) -> Any:
-    app = create_app(
-        settings_from({"EDGE_ORIGIN": origin.url, **env}), registry=CollectorRegistry()
-    )
+    settings = settings_from({"EDGE_ORIGIN": origin.url, **env})
+    app = create_app(settings, registry=CollectorRegistry(), cache_clock=clock)
     return await aiohttp_client(server(app))
 
 
@@ -160,3 +164,24 @@ async def test_what_is_not_a_fresh_image_goes_through_the_pipeline(
     await warm(client, URL)
     refuse_the_pipeline(client)
     assert (await client.post(URL)).status == 405
+
+
+async def test_a_hit_after_a_new_render_carries_the_new_image(
+    aiohttp_client: Any, origin: FakeOrigin
+) -> None:
+    """The hit path keeps an entry's headers between hits: a re-rendered entry gets its own."""
+    clock = FakeClock()
+    client = await serve(aiohttp_client, origin, EdgeTestServer, clock, EDGE_CACHE_TTL="60")
+    origin.put("k.jpg", (SHARED_IMAGES / "flowers-1920x1080.jpg").read_bytes())
+    path = "/ok/k.jpg?width=200&format=jpeg"
+    await warm(client, path)
+    before = await client.get(path)
+    assert before.headers["X-Edge-Cache"] == "hit"
+    assert decode(await before.read()).height == 113
+    origin.put("k.jpg", (SHARED_IMAGES / "photo-2725x2225.jpg").read_bytes())
+    clock.now += 3600  # past the TTL and the stale window: the next request renders again
+    await warm(client, path)
+    after = await client.get(path)
+    assert after.headers["X-Edge-Cache"] == "hit"
+    assert after.headers["ETag"] != before.headers["ETag"]
+    assert decode(await after.read()).height == 163

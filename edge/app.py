@@ -160,8 +160,6 @@ class RequestLog:
 
     request_id: str
     deadline: Deadline
-    #: the task serving the request (drained at shutdown)
-    task: asyncio.Task[Any] | None
     #: the pipeline's answer (None for operator endpoints and failures)
     reply: Reply | None = None
     status: int = 0
@@ -440,7 +438,8 @@ class HitsFirst:
         self._heads: dict[int, tuple[Mapping[str, str], CIMultiDict[str]]] = {}
 
     async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
-        if self._enabled and request.method in HIT_METHODS:
+        # A request with Expect goes to the application, which answers that header first.
+        if self._enabled and request.method in HIT_METHODS and "Expect" not in request.headers:
             raw_path, _, raw_query = request.raw_path.partition("?")
             deadline = Deadline.after(self._settings.backend_timeout)
             reply = self._service.remembered_hit(raw_path, raw_query, request.headers, deadline)
@@ -523,7 +522,13 @@ async def _follow(
 ) -> web.StreamResponse:
     """Follow one request of the pipeline from its id to its access-log line: answer it
     with ``respond``, send the answer, and account for it whatever happens."""
-    entry = _opened(metrics, state, request, deadline)
+    # The task stays a local: kept in the log, it would close a cycle (request, log, task,
+    # its result the response, the request) that holds bodies until a full collection.
+    entry = request[LOG] = RequestLog(_request_id(request), deadline)
+    serving, task = state.serving, asyncio.current_task()
+    metrics.inflight.inc()
+    if task is not None:
+        serving.add(task)
     try:
         response = await respond(entry)
         await _send(state, request, response, entry)
@@ -532,25 +537,9 @@ async def _follow(
         _client_closed(entry, deadline)
         raise
     finally:
-        _closed(metrics, state, request, entry)
-
-
-def _opened(
-    metrics: Metrics, state: AppState, request: web.BaseRequest, deadline: Deadline
-) -> RequestLog:
-    """A request of the pipeline begins: its id and log, in flight, drained at shutdown."""
-    entry = request[LOG] = RequestLog(_request_id(request), deadline, asyncio.current_task())
-    metrics.inflight.inc()
-    if entry.task is not None:
-        state.serving.add(entry.task)
-    return entry
-
-
-def _closed(metrics: Metrics, state: AppState, request: web.BaseRequest, entry: RequestLog) -> None:
-    """A request of the pipeline ends, whatever happened: counted and logged."""
-    state.serving.discard(entry.task)
-    metrics.inflight.dec()
-    _account(metrics, request, entry)
+        serving.discard(task)
+        metrics.inflight.dec()
+        _account(metrics, request, entry)
 
 
 async def _respond(

@@ -131,12 +131,13 @@ class Target:
 class _Remembered:
     """A target as remembered, with the headers of its last unconditional hit.
 
-    The hit is known by its entry's creation time and validator, not by the entry: holding
-    the entry would keep its body alive after the memory tier dropped it.
+    The hit is known by what its headers are made of, not by its entry: holding the entry
+    would keep its body alive after the memory tier dropped it.
     """
 
     target: Target
-    hit_stamp: tuple[float, str | None] | None = None
+    #: what the headers are made of (the entry's time, validators, type and Vary)
+    hit_stamp: tuple[float, str | None, str | None, str, str | None] | None = None
     hit_headers: dict[str, str] = field(default_factory=dict)
 
 
@@ -252,7 +253,7 @@ class Service:
             return None
         if "If-None-Match" in headers:  # the answer depends on the request: not shared
             return _tag(self._entry_reply(entry, headers, target.hints, "hit"), target)
-        stamp = (entry.created, entry.etag)
+        stamp = (entry.created, entry.etag, entry.last_modified, entry.content_type, entry.vary)
         if remembered.hit_stamp != stamp:
             reply = _tag(self._entry_reply(entry, {}, target.hints, "hit"), target)
             remembered.hit_headers, remembered.hit_stamp = reply.headers, stamp

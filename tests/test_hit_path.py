@@ -4,15 +4,19 @@ answered before routing, and exactly as the full pipeline would answer it."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import gc
 import logging
 from collections.abc import Mapping
 from typing import Any
 
+import aiohttp
 import pytest
+from aiohttp.http_writer import StreamWriter
 from aiohttp.test_utils import TestServer
 from prometheus_client import CollectorRegistry
 
-from edge.app import SERVICE, STATE, create_app
+from edge.app import SERVICE, STATE, RequestLog, create_app
 from tests.conftest import SHARED_IMAGES
 from tests.fake_origin import FakeOrigin
 from tests.helpers import EdgeTestServer, FakeClock, decode, metric, settings_from
@@ -104,10 +108,11 @@ async def test_the_hit_path_answers_as_the_pipeline_does(
         response = await client.request(method, path, headers=headers)
         assert response.status == 200
         answers.append((response, await response.read()))
+    again = await client.request(method, path, headers=headers)  # a shared head stays as made
     (full, full_body), (fast, fast_body) = answers
     assert fast.headers["X-Edge-Cache"] == full.headers["X-Edge-Cache"] == "hit"
-    assert fast_body == full_body
-    assert lasting(fast.headers) == lasting(full.headers)
+    assert fast_body == full_body == await again.read()
+    assert lasting(fast.headers) == lasting(full.headers) == lasting(again.headers)
     if "X-Request-Id" in headers:
         assert fast.headers["X-Request-Id"] == headers["X-Request-Id"]
     stages = [part.split(";")[0] for part in fast.headers["Server-Timing"].split(", ")]
@@ -179,9 +184,67 @@ async def test_a_hit_after_a_new_render_carries_the_new_image(
     assert before.headers["X-Edge-Cache"] == "hit"
     assert decode(await before.read()).height == 113
     origin.put("k.jpg", (SHARED_IMAGES / "photo-2725x2225.jpg").read_bytes())
-    clock.now += 3600  # past the TTL and the stale window: the next request renders again
+    clock.now += 3600  # past the TTL: revalidated, and the changed original is rendered again
     await warm(client, path)
     after = await client.get(path)
     assert after.headers["X-Edge-Cache"] == "hit"
     assert after.headers["ETag"] != before.headers["ETag"]
     assert decode(await after.read()).height == 163
+
+
+async def test_a_client_gone_while_a_hit_is_sent_is_a_499_that_holds_nothing(
+    aiohttp_client: Any,
+    origin: FakeOrigin,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    client = await serve(aiohttp_client, origin, EdgeTestServer)
+    await warm(client, URL)
+    refuse_the_pipeline(client)
+    caplog.set_level(logging.INFO, logger="edge.access")
+    sending = StreamWriter.write_eof
+
+    async def cut_off(self: StreamWriter, *args: Any, **kwargs: Any) -> None:
+        assert self.transport is not None
+        self.transport.abort()
+        await sending(self, *args, **kwargs)
+
+    gc.collect()
+    gc.disable()  # what a cycle holds stays visible below, until gc runs
+    try:
+        with monkeypatch.context() as patch:
+            patch.setattr(StreamWriter, "write_eof", cut_off)
+            with contextlib.suppress(aiohttp.ClientError):
+                await client.get(URL)
+            for _ in range(100):
+                if any(r.name == "edge.access" for r in caplog.records):
+                    break
+                await asyncio.sleep(0.01)
+        line = next(r.msg for r in caplog.records if r.name == "edge.access")
+        assert (line["status"], line["outcome"], line["cache"]) == (499, "client_closed", "hit")
+        # nothing but a reference cycle could keep the request's log (and the body) alive
+        assert not [o for o in gc.get_objects() if isinstance(o, RequestLog)]
+    finally:
+        gc.enable()
+    assert await metric(client, "edge_client_disconnects_total", stage="send") == 1
+
+
+async def test_a_request_expecting_continue_goes_to_the_application(
+    aiohttp_client: Any, origin: FakeOrigin
+) -> None:
+    client = await serve(aiohttp_client, origin, EdgeTestServer)
+    await warm(client, URL)
+    service = client.server.app[SERVICE]
+    calls = []
+    handle = service.handle
+
+    async def counted(incoming: Any) -> Any:
+        calls.append(incoming)
+        return await handle(incoming)
+
+    service.handle = counted
+    assert (await client.get(URL)).status == 200
+    assert calls == []
+    again = await client.get(URL, headers={"Expect": "100-continue"})
+    assert (again.status, again.headers["X-Edge-Cache"]) == (200, "hit")
+    assert len(calls) == 1

@@ -432,6 +432,7 @@ class HitsFirst:
     ) -> None:
         self._handler = handler
         self._service, self._settings = app[SERVICE], app[SETTINGS]
+        self._budget = self._settings.backend_timeout
         self._metrics, self._state = app[METRICS], app[STATE]
         # With tracing on every request gets its span: the middleware's path makes it.
         self._enabled = TRACING not in app
@@ -441,7 +442,7 @@ class HitsFirst:
         # A request with Expect goes to the application, which answers that header first.
         if self._enabled and request.method in HIT_METHODS and "Expect" not in request.headers:
             raw_path, _, raw_query = request.raw_path.partition("?")
-            deadline = Deadline.after(self._settings.backend_timeout)
+            deadline = Deadline.after(self._budget)
             reply = self._service.remembered_hit(raw_path, raw_query, request.headers, deadline)
             if reply is not None:
                 answer = partial(self._answer, request, reply)

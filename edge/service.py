@@ -141,7 +141,7 @@ class _Remembered:
     hit_headers: dict[str, str] = field(default_factory=dict)
 
 
-@dataclass
+@dataclass(slots=True)
 class Reply:
     """What to send: the HTTP layer adds the headers every response carries."""
 

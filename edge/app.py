@@ -8,6 +8,10 @@ The middleware owns every request's outcome: it makes the deadline and request i
 turns EdgeErrors (and unexpected exceptions, as 500) into responses, sends the response
 itself so a client lost while sending is a 499 too, and writes exactly one metrics
 update and one access-log line per request, cancelled ones included.
+
+``HitsFirst``, the request handler of edge's own runner, answers fresh memory-tier hits
+on URLs already worked out before routing; it follows them with the middleware's own
+functions (``_follow``: id, send, metrics, access log), so both paths answer alike.
 """
 
 from __future__ import annotations

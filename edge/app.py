@@ -82,6 +82,8 @@ _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 CLIENT_HINTS = "Sec-CH-DPR, Sec-CH-Width"
 TIMING_STAGES = ("cache_get", "revalidate", "fetch", "queue", "transform")
 RSS_INTERVAL = 1.0
+#: seconds between flushes of the tallied metrics (Metrics.flush) besides scrapes
+METRICS_FLUSH_INTERVAL = 1.0
 #: seconds a connection may stay open without completing a request
 KEEPALIVE_TIMEOUT = 75.0
 #: seconds a cancelled request gets to unwind at shutdown
@@ -195,8 +197,10 @@ def create_app(
         app[TRACING] = tracing
     if purge_log is not None:
         app[PURGE_LOG] = PurgeLog(purge_log)
-    app[METRICS] = Metrics(registry if registry is not None else _default_registry())
-    app[STATE] = AppState()
+    metrics = app[METRICS] = Metrics(registry if registry is not None else _default_registry())
+    state = app[STATE] = AppState()
+    metrics.read_in_flight(lambda: len(state.serving))
+    app.cleanup_ctx.append(_publish_metrics)  # first in, so the last to stop
     app.cleanup_ctx.append(_service_context(origin, cache_clock or time.time))
     app.cleanup_ctx.append(_memory_watch)
     app.router.add_get("/healthz", healthz)
@@ -270,6 +274,23 @@ def _memory_limit_bytes(settings: Settings) -> int:
     if limit.bytes is not None:
         return limit.bytes
     return int(system.available_memory() * (limit.percent or 75) / 100)
+
+
+async def _publish_metrics(app: web.Application) -> AsyncIterator[None]:
+    """Flush the tallied metrics once a second, for the scrapes that read them from the
+    shared files (EDGE_WORKERS > 1), and once more when everything else has stopped."""
+    metrics = app[METRICS]
+
+    async def publish() -> None:
+        while True:
+            await asyncio.sleep(METRICS_FLUSH_INTERVAL)
+            metrics.flush()
+
+    task = asyncio.create_task(publish())
+    yield
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    metrics.flush()
 
 
 async def _memory_watch(app: web.Application) -> AsyncIterator[None]:
@@ -531,8 +552,7 @@ async def _follow(
     # its result the response, the request) that holds bodies until a full collection.
     entry = request[LOG] = RequestLog(_request_id(request), deadline)
     serving, task = state.serving, asyncio.current_task()
-    metrics.inflight.inc()
-    if task is not None:
+    if task is not None:  # in flight: the gauge reads this set (Metrics.flush)
         serving.add(task)
     try:
         response = await respond(entry)
@@ -543,7 +563,6 @@ async def _follow(
         raise
     finally:
         serving.discard(task)
-        metrics.inflight.dec()
         _account(metrics, request, entry)
 
 
@@ -817,6 +836,7 @@ async def metrics_endpoint(request: web.Request) -> web.Response:
 
 
 async def _exposition(metrics: Metrics) -> web.Response:
+    metrics.flush()
     body = await asyncio.to_thread(generate_latest, metrics.registry)
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 

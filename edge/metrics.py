@@ -17,7 +17,7 @@ gauge keeps its ``worker`` label. ``mark_process_dead`` drops a dead worker's ga
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.metrics_core import Metric
@@ -54,10 +54,21 @@ class SharedRegistry(CollectorRegistry):
 
 
 class Metrics:
-    """The service's metrics, registered on the registry it is given."""
+    """The service's metrics, registered on the registry it is given.
+
+    The counters every request moves (requests, response bytes, cache look-ups) are
+    tallied as plain numbers and added to their series by ``flush``, which runs before
+    every exposition and once a second; the in-flight gauge is read from its source at
+    the same moments. Through prometheus_client each increment takes a lock and three
+    calls: on a cache hit, a whole request of about 100 µs, those five updates cost 6%
+    (bench W3). With EDGE_WORKERS > 1 another worker's scrape therefore sees this one's
+    counts up to a second late. Tallies are kept from the event loop's thread only.
+    """
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
+        self._tally: dict[Counter, float] = {}
+        self._in_flight: Callable[[], int] = lambda: 0
         self.requests = Counter(
             "edge_requests_total",
             "Requests by HTTP status sent and outcome.",
@@ -195,12 +206,28 @@ class Metrics:
                 self.requests.labels(code=str(status), outcome=outcome),
                 self.request_duration.labels(outcome=outcome),
             )
-        series[0].inc()
+        self.add(series[0])
         series[1].observe(seconds)
 
     def count_sent(self, fmt: str, size: int) -> None:
         """Body bytes sent in ``fmt`` (one of FORMATS; anything else counts as other)."""
-        self._sent.get(fmt, self._sent["other"]).inc(size)
+        self.add(self._sent.get(fmt, self._sent["other"]), size)
+
+    def add(self, series: Counter, amount: float = 1.0) -> None:
+        """Count ``amount`` on a counter's labelled series at the next ``flush``."""
+        tally = self._tally
+        tally[series] = tally.get(series, 0.0) + amount
+
+    def read_in_flight(self, source: Callable[[], int]) -> None:
+        """Where ``flush`` reads the number of requests being handled."""
+        self._in_flight = source
+
+    def flush(self) -> None:
+        """Add the tallied counts to their series and set the in-flight gauge."""
+        tally, self._tally = self._tally, {}
+        for series, amount in tally.items():
+            series.inc(amount)
+        self.inflight.set(self._in_flight())
 
     def _create_fixed_series(self) -> None:
         for outcome, code in OUTCOMES.items():

@@ -13,6 +13,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
 from edge.app import EdgeRunner, create_app
+from edge.metrics import Metrics
 from edge.origins import Origin
 from edge.settings import Settings, load_settings
 
@@ -115,3 +116,13 @@ def _rgb(image: pyvips.Image) -> pyvips.Image:
         image = image.flatten(background=[255, 255, 255])
     image = image.colourspace("srgb")
     return image[0:3] if image.bands > 3 else image
+
+
+def counted(metrics: Metrics, tier: str, result: str) -> float:
+    """edge_cache_requests_total{tier, result} as a scrape would read it now."""
+    metrics.flush()
+    value = metrics.registry.get_sample_value(
+        "edge_cache_requests_total", {"tier": tier, "result": result}
+    )
+    assert value is not None
+    return value

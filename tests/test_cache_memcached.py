@@ -12,6 +12,7 @@ from prometheus_client import CollectorRegistry
 from edge.cache import Entry, ResultCache
 from edge.cache.backends import MEMCACHED_MAX_ITEM_BYTES, memcached_tier, memory_tier
 from edge.metrics import Metrics
+from tests.helpers import counted
 from tests.services import Service, memcached_server_fixture  # noqa: F401
 
 DAY = 24 * 3600.0
@@ -49,14 +50,6 @@ async def make_cache(memcached_server: Service, metrics: Metrics) -> AsyncIterat
 
 def made_now(body: bytes = b"result") -> Entry:
     return Entry(body, "image/png", '"m1"', "Wed, 21 Oct 2015 07:28:00 GMT", time.time())
-
-
-def counted(metrics: Metrics, tier: str, result: str) -> float:
-    value = metrics.registry.get_sample_value(
-        "edge_cache_requests_total", {"tier": tier, "result": result}
-    )
-    assert value is not None
-    return value
 
 
 async def test_an_entry_round_trips_through_memcached(make_cache: MakeCache) -> None:

@@ -12,7 +12,7 @@ from prometheus_client import CollectorRegistry
 from edge.cache import Entry, ResultCache
 from edge.cache.backends import memory_tier, redis_tier
 from edge.metrics import Metrics
-from tests.helpers import FakeClock
+from tests.helpers import FakeClock, counted
 from tests.services import Service, raw_redis_fixture, redis_server_fixture  # noqa: F401
 
 TTL = 100.0
@@ -63,14 +63,6 @@ async def make_cache(
 
 def made_at(created: float, body: bytes = b"result") -> Entry:
     return Entry(body, "image/avif", '"e1"', None, created, vary="Accept")
-
-
-def counted(metrics: Metrics, tier: str, result: str) -> float:
-    value = metrics.registry.get_sample_value(
-        "edge_cache_requests_total", {"tier": tier, "result": result}
-    )
-    assert value is not None
-    return value
 
 
 async def timed(call: Awaitable[object]) -> tuple[object, float]:

@@ -10,7 +10,7 @@ from edge.cache import Entry, ResultCache
 from edge.cache.backends import memory_tier
 from edge.metrics import Metrics
 from edge.settings import load_settings
-from tests.helpers import FakeClock
+from tests.helpers import FakeClock, counted
 
 TTL = 100.0
 STALE_TTL = 50.0
@@ -34,14 +34,6 @@ def cache(clock: FakeClock, metrics: Metrics) -> ResultCache:
 
 def made_at(created: float, body: bytes = b"result") -> Entry:
     return Entry(body, "image/webp", '"e1"', None, created)
-
-
-def counted(metrics: Metrics, tier: str, result: str) -> float:
-    value = metrics.registry.get_sample_value(
-        "edge_cache_requests_total", {"tier": tier, "result": result}
-    )
-    assert value is not None
-    return value
 
 
 def observed(metrics: Metrics, stage: str) -> float:

@@ -27,7 +27,7 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.parser import text_string_to_metric_families
 
 from edge import __version__
-from edge.app import SERVICE, WORKER, create_app
+from edge.app import METRICS_FLUSH_INTERVAL, SERVICE, WORKER, create_app
 from edge.settings import SettingsError, load_settings
 from edge.workers import MULTIPROC_ENV, WorkerRole, share
 from tests.conftest import REPO
@@ -77,11 +77,18 @@ def total(found: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: str
 
 def wait_until(check: Callable[[], bool], what: str, timeout: float = WAIT) -> None:
     """Poll for evidence (a log line, a file, a count) until it shows or time runs out."""
-    deadline = time.monotonic() + timeout
+    if not shows_within(check, timeout):
+        pytest.fail(f"timed out waiting for {what}")
+
+
+def shows_within(check: Callable[[], bool], seconds: float) -> bool:
+    """Whether ``check`` comes true within ``seconds`` (polled every 50 ms)."""
+    deadline = time.monotonic() + seconds
     while not check():
         if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
+            return False
         time.sleep(0.05)
+    return True
 
 
 def alive(pid: int) -> bool:
@@ -192,9 +199,11 @@ def start(tmp_path: Path) -> Iterator[Callable[..., Edge]]:
 
 
 def hammer_until(edge: Edge, done: Callable[[], bool], limit: int = 400) -> int:
-    """Send image requests (each on a new connection) until ``done``; how many were sent."""
+    """Send image requests (each on a new connection), ten at a time, until ``done``;
+    how many were sent. Between batches ``done`` gets a metrics flush's time to come
+    true: a worker writes its counts to the shared files once a second."""
     sent = 0
-    while not done():
+    while not shows_within(done, METRICS_FLUSH_INTERVAL + 0.5):
         assert sent < limit, "the kernel never spread connections over both workers"
         for _ in range(10):
             status, _ = get(edge.port, IMAGE)

@@ -104,6 +104,7 @@ class ResultCache:
         self._lock_poll = lock_poll
         self._clock = clock
         self._resting_until: dict[int, float] = {}
+        self._metrics = metrics
         # labelled children resolved once: the hit path is counted on every request
         self._counters = {
             (tier.name, result): metrics.cache_requests.labels(tier=tier.name, result=result)
@@ -544,7 +545,7 @@ class ResultCache:
         log.warning("cache tier %s failed (%r); treating it as a miss", tier.name, exc)
 
     def _count(self, tier: Tier, result: str) -> None:
-        self._counters[tier.name, result].inc()
+        self._metrics.add(self._counters[tier.name, result])
 
     def _observe(self, stage: str, seconds: float, deadline: Deadline | None) -> None:
         self._timers[stage].observe(seconds)

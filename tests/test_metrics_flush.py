@@ -44,39 +44,38 @@ def test_counts_wait_for_the_flush_and_the_gauge_reads_its_source() -> None:
     assert sample(registry, "edge_inflight_requests") == 0
 
 
+@pytest.fixture
+async def origin() -> Any:
+    fake = await FakeOrigin().start()
+    yield fake
+    await fake.stop()
+
+
 async def serve(aiohttp_client: Any, origin: FakeOrigin, registry: CollectorRegistry) -> Any:
     app = create_app(settings_from({"EDGE_ORIGIN": origin.url}), registry=registry)
     return await aiohttp_client(EdgeTestServer(app))
 
 
 async def test_counts_reach_the_registry_without_a_scrape(
-    aiohttp_client: Any, monkeypatch: pytest.MonkeyPatch
+    aiohttp_client: Any, origin: FakeOrigin, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """What another worker's scrape reads from the shared files: published periodically."""
     monkeypatch.setattr(edge.app, "METRICS_FLUSH_INTERVAL", 0.05)
-    origin = await FakeOrigin().start()
-    try:
-        registry = CollectorRegistry()
-        client = await serve(aiohttp_client, origin, registry)
-        assert (await client.get(URL)).status == 200
-        await asyncio.sleep(0.3)
-        assert sample(registry, "edge_requests_total", code="200", outcome="ok") == 1
-        assert sample(registry, "edge_cache_requests_total", tier="memory", result="miss") == 1
-    finally:
-        await origin.stop()
+    registry = CollectorRegistry()
+    client = await serve(aiohttp_client, origin, registry)
+    assert (await client.get(URL)).status == 200
+    await asyncio.sleep(0.3)
+    assert sample(registry, "edge_requests_total", code="200", outcome="ok") == 1
+    assert sample(registry, "edge_cache_requests_total", tier="memory", result="miss") == 1
 
 
 async def test_stopping_the_service_publishes_what_is_left(
-    aiohttp_client: Any, monkeypatch: pytest.MonkeyPatch
+    aiohttp_client: Any, origin: FakeOrigin, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(edge.app, "METRICS_FLUSH_INTERVAL", 3600.0)
-    origin = await FakeOrigin().start()
-    try:
-        registry = CollectorRegistry()
-        client = await serve(aiohttp_client, origin, registry)
-        assert (await client.get(URL)).status == 200
-        assert sample(registry, "edge_requests_total", code="200", outcome="ok") == 0
-        await client.close()
-        assert sample(registry, "edge_requests_total", code="200", outcome="ok") == 1
-    finally:
-        await origin.stop()
+    registry = CollectorRegistry()
+    client = await serve(aiohttp_client, origin, registry)
+    assert (await client.get(URL)).status == 200
+    assert sample(registry, "edge_requests_total", code="200", outcome="ok") == 0
+    await client.close()
+    assert sample(registry, "edge_requests_total", code="200", outcome="ok") == 1

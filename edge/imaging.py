@@ -872,15 +872,28 @@ class _Guard:
     libvips emits ``eval`` from the pipeline as it computes; the handler kills the image
     once the switch is set, and the pending libvips call then fails. Which EdgeError a
     failure becomes depends on whether the switch was set.
+
+    pyvips ties a signal handler's callback handle to the Python object that connected
+    it, not to the libvips image, which lives on as long as a later image in the
+    pipeline uses it. So the guard holds every image it watches until ``release``: a
+    handle freed while its image could still signal makes the next ``eval`` read freed
+    memory, and the interpreter aborts (with transforms in several threads, that memory
+    is soon reused).
     """
 
     def __init__(self, kill: KillSwitch) -> None:
         self._kill = kill
+        self._watched: list[VipsImage] = []
 
     def watch(self, image: VipsImage) -> VipsImage:
         image.set_progress(True)
         image.signal_connect("eval", self._on_eval)
+        self._watched.append(image)
         return image
+
+    def release(self) -> None:
+        """Let the watched images go: the transform has finished with libvips."""
+        self._watched.clear()  # the handlers refer to the guard: a cycle, broken here
 
     def _on_eval(self, image: VipsImage, _progress: Any) -> None:
         if self._kill.is_set():
@@ -926,15 +939,12 @@ def transform(
             image = _per_frame(image, plan, lambda frame: _view(frame, plan, spec, guard))
         image = _finish(image, plan, spec)
         body = _encode(guard.watch(image), plan.format, plan.quality, spec)
+        width, height = int(image.width), int(image.height) // plan.frames
     except pyvips.Error as error:
         raise guard.translate(error) from error
-    return Output(
-        body=body,
-        format=plan.format,
-        width=int(image.width),
-        height=int(image.height) // plan.frames,
-        quality=plan.quality,
-    )
+    finally:
+        guard.release()
+    return Output(body=body, format=plan.format, width=width, height=height, quality=plan.quality)
 
 
 def _load(data: bytes, info: SourceInfo, plan: Plan) -> VipsImage:

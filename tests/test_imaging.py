@@ -7,6 +7,8 @@ itself (never byte equality): encoders are free to change their bytes.
 from __future__ import annotations
 
 import struct
+import subprocess
+import sys
 import threading
 import time
 import zlib
@@ -29,7 +31,7 @@ from edge.errors import (
 )
 from edge.imaging import Limits, Output, SourceInfo
 from edge.params import CropRect, Fit, Flip, Gravity, OutputFormat, TransformSpec
-from tests.conftest import SHARED_IMAGES
+from tests.conftest import REPO, SHARED_IMAGES
 
 ALL_FORMATS = imaging.INPUT_FORMATS
 LIMITS = Limits(
@@ -582,6 +584,52 @@ def test_smart_gravity_crops_to_the_box(gravity: Gravity) -> None:
     spec = TransformSpec(width=200, height=200, fit=Fit.COVER, gravity=gravity)
     image = decode(run(sample(PHOTO), spec).body)
     assert (image.width, image.height) == (200, 200)
+
+
+#: Three threads of smart crops and rotations, the way the transform pool runs them. Before the guard
+#: held the images it watches, pyvips freed an eval handler's handle with its Python
+#: object while libvips could still signal it, and the process aborted within a second.
+_SMART_CROPS_IN_THREADS = """
+import threading
+from edge import imaging
+from edge.budget import KillSwitch
+from edge.params import Fit, Flip, Gravity, TransformSpec
+from tests.test_imaging import LIMITS, sample
+
+data = sample("flowers-1920x1080.jpg")
+specs = [
+    TransformSpec(width=200, height=200, fit=Fit.COVER, gravity=Gravity.ENTROPY),
+    TransformSpec(width=200, height=200, fit=Fit.COVER, gravity=Gravity.ATTENTION),
+    TransformSpec(width=200, rotate=90),
+    TransformSpec(width=200, flip=Flip.V),
+]
+
+def transforms(offset):
+    for i in range(40):
+        spec = specs[(i + offset) % len(specs)]
+        info = imaging.probe(data, LIMITS)
+        plan = imaging.plan(info, spec, accepted=frozenset(), default_quality=80, limits=LIMITS)
+        imaging.transform(data, info, plan, spec, KillSwitch())
+
+threads = [threading.Thread(target=transforms, args=(offset,)) for offset in range(3)]
+for thread in threads:
+    thread.start()
+for thread in threads:
+    thread.join()
+print("done")
+"""
+
+
+def test_smart_crops_in_several_threads_keep_the_process_alive() -> None:
+    done = subprocess.run(
+        [sys.executable, "-X", "faulthandler", "-c", _SMART_CROPS_IN_THREADS],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert "Fatal Python error" not in done.stderr, done.stderr[:2000]
+    assert (done.returncode, done.stdout.strip()) == (0, "done"), done.stderr[-2000:]
 
 
 def test_cmyk_with_profile_becomes_srgb() -> None:

@@ -379,6 +379,7 @@ def run_w1(run: Run) -> None:
                 found, _ = _ceiling_once(run, variant, mode)
                 ceilings[variant, mode] = found.best_of(ceilings.get((variant, mode)))
     assert edge_best is not None
+    tuned = _w1_tuned(run, paths, rounds)
     stage_text = ", ".join(f"{name} {ms:.1f} ms" for name, ms in stages.items())
     edge_best.note = "; ".join(
         part
@@ -401,6 +402,19 @@ def run_w1(run: Run) -> None:
         ["CPU-normalised: ceiling CPU per op / edge CPU per request", fmt_ratio(cpu_value)]
         + [""] * 5
     )
+    section.rows.append(tuned.row())
+    section.rows.append(
+        [
+            f"{TUNED_LABEL} / ceiling (reported, not the target)",
+            fmt_ratio(ratio(tuned.rps, best.rps)),
+        ]
+        + [""] * 5
+    )
+    section.notes.append(
+        f"{TUNED_LABEL}: one transform more than the default (cores) keeps both cores busy "
+        "while a transform waits on libvips' hand-overs or the GIL; the default stays at "
+        "cores so that under a CPU quota the event loop keeps its headroom (see the analysis)"
+    )
     if rounds > 1:
         section.notes.append(
             f"best of {rounds} interleaved rounds (every round's rate in brackets)"
@@ -412,6 +426,7 @@ def run_w1(run: Run) -> None:
     )
     run.report.raw["w1"] = {
         "edge": edge_best.__dict__,
+        "edge_tuned": tuned.__dict__,
         "ceilings": {f"{v}/{m}": found.__dict__ for (v, m), found in ceilings.items()},
         "stages_ms": stages,
     }
@@ -429,6 +444,23 @@ def run_w1(run: Run) -> None:
             note=shortfall(cpu_value, 0.9),
         )
     )
+
+
+TUNED_LABEL = "edge, EDGE_MAX_CONCURRENCY = cores + 1"
+
+
+def _w1_tuned(run: Run, paths: Sequence[str], rounds: int) -> Measured:
+    """W1 again with one transform slot more than the default: what tuning gets here."""
+    env = {"EDGE_CACHE": "none", "EDGE_MAX_CONCURRENCY": str(cores() + 1)}
+    best: Measured | None = None
+    with edge_server("edge-w1-tuned", env) as edge:
+        run.warm(edge, paths)
+        for index in range(rounds):
+            log(f"W1 uncached: {TUNED_LABEL} (round {index + 1} of {rounds}) ...")
+            measured, _ = _server_once(run, edge, paths, TUNED_LABEL)
+            best = measured.best_of(best)
+    assert best is not None
+    return best
 
 
 def result_tool(run: Run) -> str:

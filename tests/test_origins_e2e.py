@@ -113,6 +113,44 @@ async def test_symlinks_out_of_the_folder_are_not_followed(
     assert (await client.get("/inside.jpg?w=10")).status == 200
 
 
+async def test_keys_no_file_can_have_are_404_not_500(aiohttp_client: Any, tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    root.mkdir()
+    os.symlink(root / "loop-b.jpg", root / "loop-a.jpg")
+    os.symlink(root / "loop-a.jpg", root / "loop-b.jpg")
+    client = await start_edge(aiohttp_client, {"EDGE_ORIGIN": root.as_uri()})
+    long_name = "k" * 252 + ".jpg"  # over the 255 bytes a file name may have
+    long_path = "/".join(["d" * 210] * 20) + ".jpg"  # over the 4096 bytes of a path
+    for key in (long_name, long_path, "loop-a.jpg"):
+        for query in ("?w=100", ""):
+            response = await client.get(f"/{key}{query}")
+            assert response.status == 404, (key[:20], query, await response.text())
+        response = await client.get(f"/{key}?req=exists")
+        assert (response.status, await response.text()) == (200, "catalogRecord.exists=0\n")
+    assert await metric(client, "edge_requests_total", outcome="internal_error") == 0
+
+
+async def test_an_unreadable_original_is_a_502_naming_the_origin(
+    aiohttp_client: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / "photo.jpg").write_bytes((SHARED_IMAGES / PHOTO).read_bytes())
+    client = await start_edge(aiohttp_client, {"EDGE_ORIGIN": root.as_uri()})
+    real_open = Path.open
+
+    def failing_disk(path: Path, *args: Any, **kwargs: Any) -> Any:
+        if path.name == "photo.jpg":
+            raise OSError(5, "Input/output error")  # EIO: the disk, not the key
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "open", failing_disk)
+    response = await client.get("/photo.jpg?w=100")
+    assert response.status == 502
+    assert "origin" in (await response.text()).lower()
+    assert await metric(client, "edge_origin_requests_total", kind="file", code="error") == 1
+
+
 async def test_s3_entries_are_revalidated_with_if_none_match(
     aiohttp_client: Any, reader: Moto
 ) -> None:

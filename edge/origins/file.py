@@ -10,14 +10,29 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import errno
 import hashlib
 import os
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
-from edge.errors import NotFound
+from edge.errors import NotFound, OriginFailed
 from edge.metrics import Metrics
 from edge.origins.base import Fetched, FetchOptions, too_large
+
+#: errors opening a key that mean there is no such image to serve: a name too long or a
+#: symlink loop cannot name a file any more than a missing one does
+_NOT_THERE = frozenset(
+    {
+        errno.ENOENT,
+        errno.ENOTDIR,
+        errno.EISDIR,
+        errno.EACCES,
+        errno.EPERM,
+        errno.ENAMETOOLONG,
+        errno.ELOOP,
+    }
+)
 
 
 class FileOrigin:
@@ -44,6 +59,9 @@ class FileOrigin:
         except NotFound:
             self._metrics.origin_requests.labels(kind=self.kind, code="404").inc()
             raise
+        except OriginFailed:
+            self._metrics.origin_requests.labels(kind=self.kind, code="error").inc()
+            raise
         code = "304" if fetched.not_modified else "200"
         self._metrics.origin_requests.labels(kind=self.kind, code=code).inc()
         self._metrics.origin_bytes.labels(kind=self.kind).inc(len(fetched.data))
@@ -67,8 +85,12 @@ class FileOrigin:
                 if stat.st_size > max_bytes:
                     raise too_large(max_bytes)
                 data = handle.read(max_bytes + 1)
-        except (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError) as exc:
-            raise NotFound("no such image", detail=f"key {key!r}") from exc
+        except OSError as exc:
+            if exc.errno in _NOT_THERE:
+                raise NotFound("no such image", detail=f"key {key!r}") from exc
+            raise OriginFailed(
+                "the origin folder could not be read", detail=f"key {key!r}: {exc.strerror}"
+            ) from exc
         if len(data) > max_bytes:
             raise too_large(max_bytes)
         return Fetched(
@@ -79,7 +101,10 @@ class FileOrigin:
 
     def _inside_root(self, key: str) -> Path:
         """The real path of ``key``, or NotFound when it resolves outside the root."""
-        candidate = (self._root / key).resolve()
+        try:
+            candidate = (self._root / key).resolve()
+        except RuntimeError as exc:  # pathlib's word for a symlink loop (Python < 3.13)
+            raise NotFound("no such image", detail=f"key {key!r} is a symlink loop") from exc
         if not candidate.is_relative_to(self._root) or candidate == self._root:
             raise NotFound("no such image", detail=f"key {key!r} is outside the origin folder")
         return candidate

@@ -1318,13 +1318,16 @@ def apply_client_hints(
     dpr_hint: str | None,
     width_hint: str | None,
     max_dimension: int,
+    max_pixels: int,
 ) -> tuple[ImageRequest, tuple[str, ...]]:
     """Fill dpr and width from Sec-CH-DPR / Sec-CH-Width where the URL left them open.
 
     Returns the request and the hint headers whose values shaped it (for Vary). The
     hinted width is device pixels: dpr is not applied to it (a dpr still applying to a
     URL height is folded into that height). A hinted dpr is clamped to 1-5 and lowered
-    so no URL side exceeds max_dimension. Originals, imageprops and exists ignore hints.
+    so no URL side exceeds max_dimension and a URL box (width and height) stays within
+    max_pixels: a hint from the browser must not turn a URL that works into a 400.
+    Originals, imageprops and exists ignore hints.
     """
     if request.is_original or request.req not in (ReqType.IMG, ReqType.PROPS):
         return request, ()
@@ -1334,7 +1337,8 @@ def apply_client_hints(
     hinted_dpr = None if "dpr" in request.given else _parse_dpr_hint(dpr_hint)
     if hinted_dpr is not None:
         scaled_sides = (spec.height,) if device_width is not None else (spec.height, spec.width)
-        spec = replace(spec, dpr=_dpr_within(hinted_dpr, scaled_sides, max_dimension))
+        dpr = _dpr_within(hinted_dpr, scaled_sides, max_dimension, max_pixels)
+        spec = replace(spec, dpr=dpr)
         # With a device width and no height, dpr ends up scaling nothing.
         if device_width is None or spec.height is not None:
             used.append("Sec-CH-DPR")
@@ -1359,11 +1363,18 @@ def _parse_width_hint(text: str | None) -> int | None:
     return value if value > 0 else None
 
 
-def _dpr_within(dpr: float, sides: Sequence[int | None], max_dimension: int) -> float:
-    """The hinted dpr, lowered so no side times it exceeds the output limit (never < 1)."""
-    for side in sides:
-        if side is not None:
-            dpr = min(dpr, max_dimension / side)
+def _dpr_within(
+    dpr: float, sides: Sequence[int | None], max_dimension: int, max_pixels: int
+) -> float:
+    """The hinted dpr, lowered so no side times it exceeds the output limit and a box of
+    two sides stays within the pixel limit (never < 1)."""
+    known = [side for side in sides if side is not None]
+    for side in known:
+        dpr = min(dpr, max_dimension / side)
+    if len(known) == 2 and known[0] * known[1] * dpr * dpr > max_pixels:
+        scale = math.sqrt(max_pixels / (known[0] * known[1]))
+        # whole device pixels per side, so rounding the sides up cannot cross the limit
+        dpr = min(math.floor(side * scale) / side for side in known)
     return max(dpr, 1.0)
 
 

@@ -298,7 +298,13 @@ class Service:
         short = len(incoming.raw_query) <= REMEMBERED_CHARS
         request = incoming.request = (self._parse if short else self._parse_query)(pairs)
         origin, routed = self.origins.route(key, request.origin, request.bucket)
-        request, hints = apply_client_hints(request, dpr, width, self.settings.max_output_dimension)
+        request, hints = apply_client_hints(
+            request,
+            dpr,
+            width,
+            self.settings.max_output_dimension,
+            self.settings.max_output_pixels,
+        )
         accepted = accepted_formats(accept)
         cache_key = None
         if request.req is ReqType.IMG and not request.is_original:

@@ -291,3 +291,16 @@ async def test_each_origin_fetch_is_counted_once_as_it_ended(
         or (line.startswith("edge_origin_requests_total{") and 'kind="http"' in line)
     }
     assert counted == {code: 1.0}
+
+
+async def test_a_dpr_hint_never_turns_a_working_url_into_a_400(aiohttp_client: Any) -> None:
+    client = await start_edge(aiohttp_client, {"EDGE_MAX_OUTPUT_PIXELS": "4000000"})
+    url = "/flowers-1920x1080.jpg?w=1500&h=1500&fit=fill&upscale=1&fmt=png"
+    assert (await client.get(url)).status == 200
+    hinted = await client.get(url, headers={"Sec-CH-DPR": "2"})  # 3000x3000 would be 9 MP
+    assert hinted.status == 200, await hinted.text()
+    image = decode(await hinted.read())
+    assert image.width == image.height
+    assert image.width > 1500
+    assert 3_900_000 < image.width * image.height <= 4_000_000
+    assert "Sec-CH-DPR" in hinted.headers["Vary"]

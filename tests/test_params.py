@@ -743,9 +743,15 @@ def test_accepted_formats_never_fails(accept: str) -> None:
 
 
 def hinted(
-    pairs: Pairs, dpr: str | None, width: str | None, max_dimension: int = 8192
+    pairs: Pairs,
+    dpr: str | None,
+    width: str | None,
+    max_dimension: int = 8192,
+    max_pixels: int = 40_000_000,
 ) -> tuple[TransformSpec, tuple[str, ...]]:
-    request, used = apply_client_hints(parse_query(pairs, DEFAULT), dpr, width, max_dimension)
+    request, used = apply_client_hints(
+        parse_query(pairs, DEFAULT), dpr, width, max_dimension, max_pixels
+    )
     return request.spec, used
 
 
@@ -762,6 +768,21 @@ def test_dpr_hint_is_clamped(hint: str, dpr: float) -> None:
 def test_dpr_hint_is_lowered_to_stay_within_the_output_limit() -> None:
     result, used = hinted([("w", "1000")], "3", None, max_dimension=2000)
     assert (result.dpr, used) == (2.0, ("Sec-CH-DPR",))
+
+
+@pytest.mark.parametrize(("width", "height"), [(4000, 4000), (3001, 4999), (4471, 4471)])
+def test_dpr_hint_is_lowered_to_keep_the_box_within_the_pixel_limit(
+    width: int, height: int
+) -> None:
+    result, used = hinted([("w", str(width)), ("h", str(height))], "2", None)
+    device = (round(width * result.dpr), round(height * result.dpr))
+    assert 39_900_000 < device[0] * device[1] <= 40_000_000  # lowered, but only just
+    assert used == ("Sec-CH-DPR",)
+
+
+def test_a_box_already_over_the_pixel_limit_keeps_dpr_1() -> None:
+    result, _ = hinted([("w", "7000"), ("h", "7000")], "2", None)
+    assert result.dpr == 1.0  # the URL itself is refused later, as without the hint
 
 
 @pytest.mark.parametrize("garbage", ["", "abc", "-1", "0", "nan", "inf", "1e2", "2,3"])
@@ -811,12 +832,12 @@ def test_dpr_hint_with_nothing_left_to_scale_is_not_named() -> None:
 )
 def test_hints_do_not_apply_to_originals_or_source_queries(pairs: Pairs) -> None:
     request = parse_query(pairs, DEFAULT)
-    assert apply_client_hints(request, "2", "600", 8192) == (request, ())
+    assert apply_client_hints(request, "2", "600", 8192, 40_000_000) == (request, ())
 
 
 def test_hinted_values_reach_the_canonical_form() -> None:
     request = parse(("h", "100"))
-    with_hints, _ = apply_client_hints(request, "2", "333", 8192)
+    with_hints, _ = apply_client_hints(request, "2", "333", 8192, 40_000_000)
     assert with_hints.canonical() == "width=350&height=200&req=img,text"
 
 

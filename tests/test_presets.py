@@ -270,7 +270,7 @@ def test_a_dollar_word_with_a_value_is_not_a_preset() -> None:
 
 
 def test_client_hints_do_not_override_what_the_preset_fixed() -> None:
-    request, used = apply_client_hints(parse([("preset", "thumb")]), "2", "500", 8192)
+    request, used = apply_client_hints(parse([("preset", "thumb")]), "2", "500", 8192, 40_000_000)
     assert (request.spec.width, request.spec.height, request.spec.dpr) == (200, 200, 2.0)
     assert used == ("Sec-CH-DPR",)
 

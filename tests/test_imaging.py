@@ -586,9 +586,10 @@ def test_smart_gravity_crops_to_the_box(gravity: Gravity) -> None:
     assert (image.width, image.height) == (200, 200)
 
 
-#: Three threads of smart crops and rotations, the way the transform pool runs them. Before the guard
-#: held the images it watches, pyvips freed an eval handler's handle with its Python
-#: object while libvips could still signal it, and the process aborted within a second.
+#: Three threads of smart crops and rotations, the way the transform pool runs them.
+#: Before the guard held the images it watches, pyvips freed an eval handler's handle with
+#: its Python object while libvips could still signal it, and the process aborted within
+#: a second.
 _SMART_CROPS_IN_THREADS = """
 import threading
 from edge import imaging

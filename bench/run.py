@@ -411,9 +411,9 @@ def run_w1(run: Run) -> None:
         + [""] * 5
     )
     section.notes.append(
-        f"{TUNED_LABEL}: one transform more than the default (cores) keeps both cores busy "
-        "while a transform waits on libvips' hand-overs or the GIL; the default stays at "
-        "cores so that under a CPU quota the event loop keeps its headroom (see the analysis)"
+        f"{TUNED_LABEL}: one transform more than the default (cores), what a host that only "
+        "transforms may tune; it fills cores left idle while a transform waits on libvips' "
+        "hand-overs or the GIL, at the cost of more contention (see the analysis)"
     )
     if rounds > 1:
         section.notes.append(

@@ -101,6 +101,11 @@ def _text(value: PropValue) -> str:
     return str(value)
 
 
+def is_header_text(value: str) -> bool:
+    """Whether ``value`` can go out as an HTTP header value, and be stored, as it is."""
+    return value.isascii() and value.isprintable()
+
+
 def derived_etag(validator: str | None, canonical: str, output: str) -> str | None:
     """ETag of a transformed result: changes with the original, the spec and the pipeline."""
     if not validator:

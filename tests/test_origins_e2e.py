@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from edge.app import STATE
+from edge.responses import is_header_text
 from tests.conftest import SHARED_IMAGES
 from tests.fake_origin import FakeOrigin
 from tests.helpers import decode, mean_difference, metric, start_edge
@@ -167,3 +168,57 @@ async def test_s3_entries_are_revalidated_with_if_none_match(
     assert renewed.status == 200
     assert renewed.headers["X-Edge-Cache"] == "hit"
     assert await metric(client, "edge_origin_requests_total", kind="s3", code="304") == 1
+
+
+class RawOrigin:
+    """An HTTP origin that sends its header bytes as given, past any client-side checks."""
+
+    def __init__(self, body: bytes, header: bytes) -> None:
+        self.body, self.header = body, header
+        self.server: asyncio.Server | None = None
+
+    async def start(self) -> str:
+        self.server = await asyncio.start_server(self._answer, "127.0.0.1", 0)
+        port = self.server.sockets[0].getsockname()[1]
+        return f"http://127.0.0.1:{port}/"
+
+    async def _answer(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(
+            b"HTTP/1.1 200 OK\r\nContent-Type: image/jpeg\r\n"
+            + self.header
+            + b"\r\nContent-Length: "
+            + str(len(self.body)).encode()
+            + b"\r\nConnection: close\r\n\r\n"
+            + self.body
+        )
+        await writer.drain()
+        writer.close()
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            self.server.close()
+            await self.server.wait_closed()
+
+
+@pytest.mark.parametrize(
+    "header",
+    [b'ETag: "a\xffb"', b'ETag: "a\x01b"', b"Last-Modified: \x01x", b"Last-Modified: \xe9\xe9"],
+)
+async def test_origin_validators_that_are_not_header_text_are_dropped(
+    aiohttp_client: Any, header: bytes
+) -> None:
+    origin = RawOrigin((SHARED_IMAGES / PHOTO).read_bytes(), header)
+    client = await start_edge(aiohttp_client, {"EDGE_ORIGIN": await origin.start()})
+    try:
+        first = await client.get(f"/{PHOTO}?w=100")
+        assert first.status == 200, await first.text()
+        assert all(is_header_text(value) for value in first.headers.values())
+        again = await client.get(f"/{PHOTO}?w=100")
+        assert (again.status, again.headers["X-Edge-Cache"]) == (200, "hit")  # it was stored
+        original = await client.get(f"/{PHOTO}")
+        assert original.status == 200
+        assert decode(await original.read()).width == 1920
+        assert await metric(client, "edge_requests_total", outcome="internal_error") == 0
+    finally:
+        await origin.stop()

@@ -21,6 +21,8 @@ import sys
 from dataclasses import dataclass
 from typing import Any
 
+from edge.responses import is_header_text
+
 MAGIC = b"EDGC"
 VERSION = 1
 _HEADER = struct.Struct(">4sBII")
@@ -99,7 +101,7 @@ def check_storable(entry: Entry) -> None:
     """``ValueError`` for an entry every reader would count as corrupt forever."""
     texts = {"content_type": entry.content_type} | {n: getattr(entry, n) for n in _OPTIONAL_TEXT}
     for name, value in texts.items():
-        if value is not None and not _is_header_text(value):
+        if value is not None and not is_header_text(value):
             raise ValueError(f"{name} must be printable ASCII: {value!r}")
     if not entry.content_type:
         raise ValueError("content_type must not be empty")
@@ -147,13 +149,9 @@ def _entry_from(fields: dict[str, Any], body: bytes) -> Entry:
 def _text(fields: dict[str, Any], name: str) -> str:
     value = fields.get(name)
     # header values are printable ASCII; anything else came from a foreign or hostile writer
-    if not isinstance(value, str) or not _is_header_text(value):
+    if not isinstance(value, str) or not is_header_text(value):
         raise CorruptEntry(f"{name} is not printable ASCII text")
     return value
-
-
-def _is_header_text(value: str) -> bool:
-    return value.isascii() and value.isprintable()
 
 
 def _content_type(fields: dict[str, Any]) -> str:

@@ -13,11 +13,17 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from edge.errors import SourceTooLarge
+from edge.responses import is_header_text
 
 
 @dataclass(frozen=True, slots=True)
 class Fetched:
-    """An original's bytes and the validators the response and cache need."""
+    """An original's bytes and the validators the response and cache need.
+
+    The texts come from the origin's headers and go out in edge's own responses and
+    cache entries, so a value that is not printable ASCII (a control character, a byte
+    the origin sent outside UTF-8) is dropped here, as if the origin had not sent it.
+    """
 
     data: bytes
     etag: str | None = None
@@ -25,6 +31,12 @@ class Fetched:
     content_type: str | None = None
     #: the origin answered a conditional fetch with "not modified" (``data`` is empty)
     not_modified: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("etag", "last_modified", "content_type"):
+            value = getattr(self, name)
+            if value is not None and not is_header_text(value):
+                object.__setattr__(self, name, None)
 
 
 @dataclass(frozen=True, slots=True)

@@ -140,7 +140,8 @@ class Admission:
         self._waiters.append(waiter)
         self._metrics.queue_depth.set(len(self._waiters))
         try:
-            await asyncio.wait_for(asyncio.shield(waiter), deadline.remaining())
+            async with deadline.timeout():
+                await asyncio.shield(waiter)
         except BaseException as exc:
             self._abandon(waiter)
             if isinstance(exc, TimeoutError):

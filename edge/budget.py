@@ -9,9 +9,11 @@ pipeline's progress signal and kills the image when it is set.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -49,6 +51,8 @@ class Deadline:
     current: str | None = None
     #: wraps each stage (tracing spans); None: nothing but timing
     observer: Callable[[str], AbstractContextManager[Any]] | None = None
+    #: the asyncio timeouts waiting on this deadline now, moved with it by ``extend_to``
+    _timeouts: list[asyncio.Timeout] = field(default_factory=list, init=False, repr=False)
 
     @classmethod
     def after(cls, seconds: float) -> Deadline:
@@ -62,6 +66,30 @@ class Deadline:
     def shorten_to(self, seconds: float) -> None:
         """Move the deadline earlier (never later) to ``seconds`` after the start."""
         self.at = min(self.at, self.started + max(seconds, 0.0))
+
+    def extend_to(self, at: float) -> None:
+        """Move the deadline later (never earlier) to ``at``, and every timeout waiting on
+        it: work shared by coalesced requests runs until the latest one's deadline."""
+        if at <= self.at:
+            return
+        self.at = at
+        for timeout in self._timeouts:
+            timeout.reschedule(self._loop_time())
+
+    @contextlib.asynccontextmanager
+    async def timeout(self) -> AsyncIterator[None]:
+        """TimeoutError in the enclosed block once the deadline passes, wherever
+        ``extend_to`` has moved it by then."""
+        async with asyncio.timeout_at(self._loop_time()) as timeout:
+            self._timeouts.append(timeout)
+            try:
+                yield
+            finally:
+                self._timeouts.remove(timeout)
+
+    def _loop_time(self) -> float:
+        # the loop's clock need not be time.monotonic (uvloop keeps its own)
+        return asyncio.get_running_loop().time() + (self.at - time.monotonic())
 
     def remaining(self) -> float:
         return max(self.at - time.monotonic(), 0.0)

@@ -502,7 +502,7 @@ class Service:
             if self.tracing is not None:
                 self.tracing.inject(options.headers)  # the origin joins the caller's trace
             try:
-                async with asyncio.timeout(deadline.remaining()):
+                async with deadline.timeout():
                     return await origin.fetch(key, options)
             except TimeoutError as exc:
                 raise FetchTimeout(
@@ -515,7 +515,8 @@ class Service:
         # and bounded by the budget (the thread cannot be killed, but we stop waiting).
         probing = asyncio.ensure_future(asyncio.to_thread(imaging.probe, data, self.limits))
         try:
-            return await asyncio.wait_for(asyncio.shield(probing), deadline.remaining())
+            async with deadline.timeout():
+                return await asyncio.shield(probing)
         except TimeoutError:
             probing.add_done_callback(lambda done: done.cancelled() or done.exception())
             raise TransformTimeout("the time budget ran out reading the image header") from None
@@ -585,7 +586,8 @@ class Service:
             # libvips has actually stopped, so the pool never runs more than the slots.
             future.add_done_callback(lambda done: _settle(done, ticket.release))
             try:
-                return await asyncio.wait_for(asyncio.shield(future), deadline.remaining())
+                async with deadline.timeout():
+                    return await asyncio.shield(future)
             except TimeoutError:
                 kill.kill("timeout")
                 raise TransformTimeout(

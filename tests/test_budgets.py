@@ -101,6 +101,23 @@ async def test_fetch_past_the_budget_is_504_and_the_origin_request_is_cancelled(
     await assert_invariants(client)
 
 
+async def test_a_coalesced_request_keeps_its_own_longer_budget(
+    aiohttp_client: Any, origin: FakeOrigin
+) -> None:
+    # the shared fetch runs until the latest waiter's deadline, not the first one's
+    client = await edge(aiohttp_client, origin, EDGE_BACKEND_TIMEOUT="5", EDGE_CACHE="memory")
+    path = "/stall/1.5/flowers-1920x1080.jpg?w=30"
+    short = asyncio.create_task(client.get(path + "&backendTimeout=0.5"))
+    await asyncio.sleep(0.2)
+    started = time.monotonic()
+    patient = await client.get(path)
+    assert patient.status == 200, await patient.text()
+    assert time.monotonic() - started > 1.0  # it did wait for the origin
+    assert (await short).status == 504
+    assert await metric(client, "edge_coalesced_requests_total") == 1
+    assert origin.events["request:stall"] == 1
+
+
 async def test_envoy_header_shortens_the_budget(aiohttp_client: Any, origin: FakeOrigin) -> None:
     client = await edge(aiohttp_client, origin)
     started = time.monotonic()

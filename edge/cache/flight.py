@@ -68,7 +68,7 @@ class Flight(KillSwitch):
 
     def extend_to(self, at: float) -> None:
         """Let the work run until ``at`` (monotonic seconds) if that is later."""
-        self.deadline.at = max(self.deadline.at, at)
+        self.deadline.extend_to(at)
 
 
 @dataclass(eq=False)

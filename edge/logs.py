@@ -63,8 +63,12 @@ def configure(level: str, fmt: str) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
-    # pyvips relays libvips chatter (operation traces) at INFO: only its warnings matter.
-    logging.getLogger("pyvips").setLevel(max(logging.WARNING, root.level))
+    # pyvips relays libvips chatter (operation traces) at INFO, and its warnings are per
+    # image: "error in tile" lines for every transform a 499 or 504 stops, notes on odd
+    # but decodable files. The access line already gives each request's outcome, so
+    # libvips warnings are shown only at debug level, and its errors always.
+    debugging = root.level <= logging.DEBUG
+    logging.getLogger("pyvips").setLevel(logging.WARNING if debugging else logging.ERROR)
 
 
 def redact(path_qs: str) -> str:

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 
+import pytest
 from aiohttp.http_exceptions import BadStatusLine
 
+from edge import logs
 from edge.logs import DropMalformedRequests, JsonFormatter, redact
 
 
@@ -36,3 +39,25 @@ def test_other_errors_keep_theirs() -> None:
 def test_signatures_are_redacted() -> None:
     assert redact("/a.jpg?w=1&s=abc&sig=def") == "/a.jpg?w=1&s=REDACTED&sig=REDACTED"
     assert redact("/a.jpg?is=1") == "/a.jpg?is=1"
+
+
+@pytest.fixture
+def restored_logging() -> Iterator[None]:
+    root, vips = logging.getLogger(), logging.getLogger("pyvips")
+    saved = (root.handlers[:], root.level, vips.level, logging.logThreads)
+    yield
+    root.handlers[:], _, _, logging.logThreads = saved
+    root.setLevel(saved[1])
+    vips.setLevel(saved[2])
+
+
+@pytest.mark.usefixtures("restored_logging")
+@pytest.mark.parametrize(("level", "warnings_shown"), [("info", False), ("debug", True)])
+def test_libvips_warnings_show_only_when_debugging(level: str, warnings_shown: bool) -> None:
+    # a killed transform makes libvips warn once per tile in flight: noise beside the
+    # access line, which already says 499 or 504
+    logs.configure(level, "json")
+    vips = logging.getLogger("pyvips")
+    assert vips.isEnabledFor(logging.WARNING) is warnings_shown
+    assert vips.isEnabledFor(logging.ERROR)
+    assert not vips.isEnabledFor(logging.INFO)

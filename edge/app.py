@@ -78,7 +78,9 @@ SECURITY_HEADERS = {
 }
 #: on every response of the pipeline and the operator endpoints
 ALWAYS_SENT = {"Accept-Ranges": "none", **SECURITY_HEADERS}
-_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
+#: X-Envoy-Expected-Rq-Timeout-Ms: ASCII digits only (str.isdigit also takes "²")
+_MILLISECONDS = re.compile(r"[0-9]{1,9}")
 CLIENT_HINTS = "Sec-CH-DPR, Sec-CH-Width"
 TIMING_STAGES = ("cache_get", "revalidate", "fetch", "queue", "transform")
 RSS_INTERVAL = 1.0
@@ -203,12 +205,21 @@ def create_app(
     app.cleanup_ctx.append(_publish_metrics)  # first in, so the last to stop
     app.cleanup_ctx.append(_service_context(origin, cache_clock or time.time))
     app.cleanup_ctx.append(_memory_watch)
-    app.router.add_get("/healthz", healthz)
-    app.router.add_get("/readyz", readyz)
-    app.router.add_get("/metrics", metrics_endpoint)
-    app.router.add_route("*", "/_edge/{tail:.*}", operator_endpoint)
-    app.router.add_get("/{key:.*}", image)
+    # [\s\S]: a key may hold any character (a newline too), for the pipeline to judge
+    app.router.add_get("/healthz", healthz, expect_handler=_expect)
+    app.router.add_get("/readyz", readyz, expect_handler=_expect)
+    app.router.add_get("/metrics", metrics_endpoint, expect_handler=_expect)
+    app.router.add_route("*", "/_edge/{tail:[\\s\\S]*}", operator_endpoint, expect_handler=_expect)
+    app.router.add_get("/{key:[\\s\\S]*}", image, expect_handler=_expect)
     return app
+
+
+async def _expect(request: web.Request) -> None:
+    """Answer ``Expect: 100-continue``; ignore any other expectation (RFC 9110 lets a
+    server do so), rather than refuse it outside the middleware that counts answers."""
+    continuing = request.headers.get("Expect", "").strip().lower() == "100-continue"
+    if continuing and request.version >= (1, 1):
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
 
 def _default_registry() -> CollectorRegistry:
@@ -720,7 +731,7 @@ def _outcome_for_status(status: int) -> str:
 
 def _request_id(request: web.BaseRequest) -> str:
     given = request.headers.get("X-Request-Id")
-    if given and _REQUEST_ID.match(given):
+    if given and _REQUEST_ID.fullmatch(given):
         return given
     return _new_request_id()
 
@@ -732,7 +743,7 @@ def _new_request_id() -> str:
 def _deadline(request: web.Request, settings: Settings) -> Deadline:
     deadline = Deadline.after(settings.backend_timeout)
     envoy = request.headers.get("X-Envoy-Expected-Rq-Timeout-Ms")
-    if envoy and envoy.isdigit():
+    if envoy and _MILLISECONDS.fullmatch(envoy):
         deadline.shorten_to((int(envoy) - 100) / 1000)
     return deadline
 
@@ -846,7 +857,8 @@ async def operator_endpoint(request: web.Request) -> web.Response:
     token = request.app[SETTINGS].admin_token
     if not token:
         raise NotFound("operator endpoints are not enabled (EDGE_ADMIN_TOKEN)")
-    given = request.headers.get("Authorization", "").encode()
+    # header text arrives surrogate-escaped when it is not UTF-8: compare the bytes sent
+    given = request.headers.get("Authorization", "").encode("utf-8", "surrogateescape")
     if not hmac.compare_digest(given, f"Bearer {token}".encode()):
         raise Unauthorized("operator endpoints need Authorization: Bearer <EDGE_ADMIN_TOKEN>")
     action = (request.method, request.match_info["tail"])

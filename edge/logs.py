@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import sys
 import time
 from collections.abc import Mapping
@@ -12,8 +11,9 @@ from typing import Any
 
 from aiohttp.http_exceptions import HttpProcessingError
 
+from edge.signing import is_signature_name
+
 ACCESS = logging.getLogger("edge.access")
-_SIGNATURE = re.compile(r"(?i)((?:^|[?&])(?:s|sig)=)[^&]*")
 
 
 class JsonFormatter(logging.Formatter):
@@ -72,8 +72,16 @@ def configure(level: str, fmt: str) -> None:
 
 
 def redact(path_qs: str) -> str:
-    """The request target with any signature value replaced, for logs."""
-    return _SIGNATURE.sub(r"\1REDACTED", path_qs)
+    """The request target with the value of every pair the signature check would read as
+    a signature (``s``/``sig`` in any case or percent-encoding) replaced, for logs."""
+    path, mark, query = path_qs.partition("?")
+    if not mark:
+        return path_qs
+    pieces = []
+    for piece in query.split("&"):
+        name, equals, _ = piece.partition("=")
+        pieces.append(f"{name}=REDACTED" if equals and is_signature_name(name) else piece)
+    return f"{path}?{'&'.join(pieces)}"
 
 
 def access_line(fields: Mapping[str, Any]) -> dict[str, Any]:

@@ -612,7 +612,7 @@ class Service:
     async def _stand_in(self, error: EdgeError, incoming: Incoming) -> Reply | None:
         """A default or error image answering for ``error`` with 200, or None."""
         request = incoming.request
-        if request is not None and request.req is not ReqType.IMG:
+        if _asks_for_properties(incoming):
             return None  # property requests answer errors in their own format
         spec = self._stand_in_spec(incoming)
         # The failed request may have spent its budget: a stand-in gets a short one of its own.
@@ -802,6 +802,17 @@ class Produced:
         if self.cache is not None and not self.stored:
             self.stored = True
             await self.cache.set(self.key, self.entry)
+
+
+def _asks_for_properties(incoming: Incoming) -> bool:
+    """Whether the request is a ``req=`` other than img, read leniently when its query
+    did not parse (its error must still come in the property format)."""
+    if incoming.request is not None:
+        return incoming.request.req is not ReqType.IMG
+    return any(
+        name.lower() == "req" and value.split(",", 1)[0].strip().lower() != "img"
+        for name, value in incoming.query
+    )
 
 
 def _memo_key(

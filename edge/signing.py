@@ -45,11 +45,16 @@ def split_signature(raw_query: str) -> tuple[str, list[str]]:
     signatures: list[str] = []
     for piece in raw_query.split("&"):
         name, _, value = piece.partition("=")
-        if unquote_plus(name).lower() in SIGNATURE_NAMES:
+        if is_signature_name(name):
             signatures.append(value)
         else:
             kept.append(piece)
     return "&".join(kept), signatures
+
+
+def is_signature_name(raw_name: str) -> bool:
+    """Whether a raw query name decodes, as the server decodes names, to ``s`` or ``sig``."""
+    return unquote_plus(raw_name).lower() in SIGNATURE_NAMES
 
 
 def signed_message(raw_path: str, unsigned_query: str) -> str:

@@ -21,7 +21,7 @@ from prometheus_client import CollectorRegistry
 
 from edge.app import create_app
 from tests.fake_origin import FakeOrigin
-from tests.helpers import settings_from, start_edge
+from tests.helpers import metric, settings_from, start_edge
 
 SAMPLE = "flowers-1920x1080.jpg"
 SECURITY = {
@@ -361,3 +361,65 @@ async def test_keepalive_timeout_bounds_a_slow_request_head(
         assert all(s.sent >= 2 for s in slow)  # they were still sending when cut off
     finally:
         await runner.cleanup()
+
+
+# --- header values and keys a sloppy or hostile client sends ------------------------------
+
+
+@pytest.mark.parametrize("expect", [b"\xe9", b"200-ok", b"<script>"])
+async def test_an_unknown_expectation_is_ignored_and_counted(edge: Any, expect: bytes) -> None:
+    answer = await raw_request(
+        edge,
+        b"GET /ok/flowers-1920x1080.jpg?w=20 HTTP/1.1\r\nHost: x\r\nExpect: "
+        + expect
+        + b"\r\n\r\n",
+    )
+    assert answer.status == 200
+    assert "X-Request-Id" in answer.headers
+    assert await metric(edge, "edge_requests_total", code="200", outcome="ok") == 1
+
+
+async def test_expect_100_continue_still_gets_its_interim_answer(edge: Any) -> None:
+    reader, writer = await asyncio.open_connection(edge.server.host, edge.server.port)
+    try:
+        writer.write(b"GET /ok/flowers-1920x1080.jpg?w=20 HTTP/1.1\r\nHost: x\r\n")
+        writer.write(b"Expect: 100-continue\r\n\r\n")
+        interim = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        final = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    finally:
+        writer.close()
+    assert interim.startswith(b"HTTP/1.1 100 Continue")
+    assert final.startswith(b"HTTP/1.1 200")
+
+
+@pytest.mark.parametrize("value", ["\u00b2", "\u2460", "\u0661\u0660\u0660\u0660", "12a"])
+async def test_a_non_ascii_envoy_timeout_is_ignored(edge: Any, value: str) -> None:
+    response = await edge.get(
+        "/ok/flowers-1920x1080.jpg?w=20", headers={"X-Envoy-Expected-Rq-Timeout-Ms": value}
+    )
+    assert response.status == 200
+    assert await metric(edge, "edge_requests_total", outcome="internal_error") == 0
+
+
+async def test_an_operator_token_that_is_not_utf8_is_401(
+    aiohttp_client: Any, origin: FakeOrigin
+) -> None:
+    client = await start_edge(aiohttp_client, env(origin, EDGE_ADMIN_TOKEN="secret"))
+    answer = await raw_request(
+        client,
+        b"POST /_edge/purge?key=a.jpg HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n"
+        b"Authorization: Bearer s\xe9cret\r\n\r\n",
+    )
+    assert answer.status == 401
+
+
+@pytest.mark.parametrize("path", ["/%0a", "/a%0aX:%20y", "/_edge/%0a"])
+async def test_a_newline_in_the_path_is_judged_by_the_pipeline(
+    aiohttp_client: Any, origin: FakeOrigin, path: str
+) -> None:
+    client = await start_edge(aiohttp_client, env(origin, EDGE_SIGNING_KEYS="k1"))
+    response = await client.get(path)
+    # the signature is checked first, as for every other key; no route falls through
+    assert response.status == (404 if path.startswith("/_edge/") else 403)
+    assert "X-Request-Id" in response.headers
+    assert await metric(client, "edge_requests_total", code=str(response.status)) == 1

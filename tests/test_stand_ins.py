@@ -120,6 +120,22 @@ async def test_property_requests_answer_errors_in_their_format(aiohttp_client: A
     assert (root.tag, root.get("status")) == ("error", "404")
 
 
+@pytest.mark.parametrize(
+    "query", ["width=2001&req=props,json", "zzz=1&req=props,json", "req=bogus,json"]
+)
+async def test_a_property_request_that_does_not_parse_gets_its_error_not_an_image(
+    aiohttp_client: Any, query: str
+) -> None:
+    client = await start_edge(
+        aiohttp_client,
+        {"EDGE_ERROR_IMAGE": "generated", "EDGE_IMAGE_PARAM_VALIDATIONS": '{"width":{"max":2000}}'},
+    )
+    response = await client.get(f"/photo-1200x980.jpg?{query}")
+    assert response.status == 400
+    assert response.content_type == "application/json"
+    assert json.loads(await response.text())["error"]["status"] == 400
+
+
 @pytest.mark.parametrize("fmt", ["text", "json", "xml"])
 async def test_property_requests(aiohttp_client: Any, fmt: str) -> None:
     client = await start_edge(aiohttp_client, {})

@@ -771,13 +771,16 @@ def _add_request_headers(
     origins = settings.cors_origins
     if not origins:
         return
-    caller = request.headers.get("Origin")
     if "*" in origins:
         headers["Access-Control-Allow-Origin"] = "*"
-    elif caller and caller in origins:
+        return
+    caller = request.headers.get("Origin")
+    if caller and caller in origins:
         headers["Access-Control-Allow-Origin"] = caller
-        vary = headers.get("Vary")
-        headers["Vary"] = f"{vary}, Origin" if vary else "Origin"
+    # with or without the header: a shared cache must not give an answer made for no
+    # Origin (or another one) to an allowed origin, which would then be refused it
+    vary = headers.get("Vary")
+    headers["Vary"] = f"{vary}, Origin" if vary else "Origin"
 
 
 # --- handlers ---------------------------------------------------------------------------

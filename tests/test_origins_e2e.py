@@ -131,6 +131,28 @@ async def test_keys_no_file_can_have_are_404_not_500(aiohttp_client: Any, tmp_pa
     assert await metric(client, "edge_requests_total", outcome="internal_error") == 0
 
 
+async def test_a_file_is_named_one_way_only(aiohttp_client: Any, tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    (root / "d").mkdir(parents=True)
+    (root / "d" / "photo.jpg").write_bytes((SHARED_IMAGES / PHOTO).read_bytes())
+    client = await start_edge(aiohttp_client, {"EDGE_ORIGIN": root.as_uri()})
+    assert (await client.get("/d/photo.jpg?w=10")).status == 200
+    for alias in ("/d/photo.jpg/", "/d//photo.jpg", "/d/photo.jpg//"):
+        for query in ("?w=10", ""):
+            response = await client.get(alias + query)
+            assert response.status == 404, (alias, query)
+    # an absolute path inside the folder, sent as is (a client library would read it as
+    # a network-path reference)
+    reader, writer = await asyncio.open_connection(client.server.host, client.server.port)
+    try:
+        target = ("/" + str(root / "d" / "photo.jpg")).encode()
+        writer.write(b"GET " + target + b"?w=10 HTTP/1.1\r\nHost: x\r\n\r\n")
+        status_line = await asyncio.wait_for(reader.readline(), 5)
+    finally:
+        writer.close()
+    assert status_line.split()[1] == b"404"
+
+
 async def test_an_unreadable_original_is_a_502_naming_the_origin(
     aiohttp_client: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

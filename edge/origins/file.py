@@ -13,7 +13,7 @@ import email.utils
 import errno
 import hashlib
 import os
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from urllib.parse import unquote, urlsplit
 
 from edge.errors import NotFound, OriginFailed
@@ -100,7 +100,14 @@ class FileOrigin:
         )
 
     def _inside_root(self, key: str) -> Path:
-        """The real path of ``key``, or NotFound when it resolves outside the root."""
+        """The real path of ``key``, or NotFound when it resolves outside the root.
+
+        A key names one file one way: pathlib would also read ``a.jpg/``, ``a//b.jpg`` or
+        an absolute path inside the root as a file, each an alias with its own cache
+        entries (and the absolute one would confirm where the folder is).
+        """
+        if str(PurePosixPath(key)) != key or key.startswith("/"):
+            raise NotFound("no such image", detail=f"key {key!r} is not a plain relative path")
         try:
             candidate = (self._root / key).resolve()
         except RuntimeError as exc:  # pathlib's word for a symlink loop (Python < 3.13)

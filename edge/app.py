@@ -56,7 +56,7 @@ from edge.errors import EdgeError, InvalidParameter, NotFound, Overloaded, Unaut
 from edge.logs import ACCESS, access_line, redact
 from edge.metrics import DISCONNECT_STAGES, Metrics, SharedRegistry
 from edge.origins import Origin, Origins
-from edge.params import ReqFormat, parse_key
+from edge.params import ReqFormat, lenient_req, parse_key
 from edge.responses import error_body
 from edge.service import Incoming, Reply, Service
 from edge.settings import Settings
@@ -708,12 +708,8 @@ def _error_response(
 
 def _requested_format(request: web.Request) -> ReqFormat:
     """The body format named by ``req=...,json|xml``, read leniently for error bodies."""
-    for name, value in request.query.items():
-        if name.lower() == "req" and "," in value:
-            suffix = value.rsplit(",", 1)[1].strip().lower()
-            if suffix in ("json", "xml"):
-                return ReqFormat(suffix)
-    return ReqFormat.TEXT
+    _, fmt = lenient_req(request.query.items())
+    return ReqFormat(fmt) if fmt in ("json", "xml") else ReqFormat.TEXT
 
 
 def _outcome_for_status(status: int) -> str:

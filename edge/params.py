@@ -83,6 +83,16 @@ class ReqFormat(StrEnum):
     XML = "xml"
 
 
+def lenient_req(pairs: Iterable[tuple[str, str]]) -> tuple[str, str]:
+    """The request type and body format ``req=`` names, read without validating, for
+    answering a request whose query did not parse; ("img", "text") when there is none."""
+    for name, value in pairs:
+        if name.lower() == "req":
+            kind, _, fmt = value.partition(",")
+            return kind.strip().lower() or "img", fmt.rsplit(",", 1)[-1].strip().lower() or "text"
+    return "img", "text"
+
+
 @dataclass(frozen=True, slots=True)
 class CropRect:
     """A Scene7 crop rectangle in source pixels (after EXIF rotation), cut before resizing."""

@@ -46,6 +46,7 @@ from edge.params import (
     TransformSpec,
     accepted_formats,
     apply_client_hints,
+    lenient_req,
     parse_key,
     parse_query,
 )
@@ -809,10 +810,8 @@ def _asks_for_properties(incoming: Incoming) -> bool:
     did not parse (its error must still come in the property format)."""
     if incoming.request is not None:
         return incoming.request.req is not ReqType.IMG
-    return any(
-        name.lower() == "req" and value.split(",", 1)[0].strip().lower() != "img"
-        for name, value in incoming.query
-    )
+    kind, _ = lenient_req(incoming.query)
+    return kind != ReqType.IMG.value
 
 
 def _memo_key(

@@ -1,6 +1,7 @@
 """The per-request time budget: one deadline, the time each stage spent, and a kill switch.
 
-A ``Deadline`` is made once when a request arrives and only ever shortened. Stages
+A ``Deadline`` is made once when a request arrives and only ever shortened; the copy
+that work shared by coalesced requests runs under moves later as later waiters join. Stages
 (fetch, queue, transform, cache_get, cache_set) record what they spent so Server-Timing,
 the access log and the stage histogram agree. The ``KillSwitch`` is how an async caller
 stops a libvips pipeline running in a worker thread: imaging.py polls it from the
